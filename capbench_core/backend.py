@@ -1,0 +1,144 @@
+"""The contract between the runner and a serving backend.
+
+A backend plugin implements :class:`Backend`; ``start`` yields a
+:class:`Session` that streams tokens for one request at a time (many requests
+may stream concurrently) and, where the engine allows, reports the experts it
+really activated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from capbench_core.hardware import HardwareSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; ``reason`` is one sentence when it cannot."""
+
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(True, "")
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a backend can load: a Hugging Face directory (config.json + weights)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    default_task: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Identical for every backend in one comparison, and stored with the result."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request. ``ignore_eos`` forces exactly ``max_tokens`` tokens."""
+
+    id: str
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One streamed piece of output carrying ``num_tokens`` new tokens."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What ran: engine name and version, and the exact arguments it got."""
+
+    name: str
+    version: str
+    launch_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeStep:
+    """One engine decode step as the engine itself timed it."""
+
+    batch_size: int
+    step_ns: int
+    context_tokens: int
+    distinct_experts: list[int]
+    started_ns: int = 0
+
+
+@dataclass
+class ExpertActivation:
+    """Distinct activated experts per layer per decode step (the A in S-MBU).
+
+    ``source`` says where the numbers came from: ``measured`` (router
+    instrumentation or an engine recorder) or ``estimated`` (uniform routing).
+    """
+
+    source: Literal["measured", "estimated"]
+    method: str
+    steps: list[DecodeStep] = field(default_factory=list)
+
+
+@runtime_checkable
+class Session(Protocol):
+    engine: EngineInfo
+
+    def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
+        """Stream the completion of ``request``; the runner timestamps every chunk."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` under the served model's tokenizer."""
+        ...
+
+    def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
+        """Decode steps started at or after ``since_ns`` (perf_counter_ns), or None."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    description: str
+
+    def available(self) -> Availability:
+        """Cheap check: imports and devices, never a model load."""
+        ...
+
+    def start(self, model: ModelRef, hardware: HardwareSpec,
+              options: Mapping[str, Any]) -> AbstractContextManager[Session]:
+        """Load or launch the engine; the context manager tears it down."""
+        ...

@@ -1,0 +1,318 @@
+"""The `capbench` command. Heavy modules are imported inside commands so --help stays fast."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from capbench_core.errors import CapbenchError
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _ints(value: str, flag: str) -> list[int]:
+    try:
+        levels = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise CapbenchError(f"{flag} {value!r} must be a comma-separated list of integers, e.g. 1,4,16") from None
+    if not levels or min(levels) < 1:
+        raise CapbenchError(f"{flag} {value!r} needs integers >= 1")
+    return levels
+
+
+class CapbenchGroup(click.Group):
+    """Prints CapbenchError as one line (traceback only with --debug); Ctrl-C exits 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CapbenchError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted: what was measured is stored as partial", fg="yellow", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=CapbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="capbench")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """capbench — Cost, Accuracy and Performance of MoE serving systems, side by side.
+
+    \b
+    Quick start:
+      capbench run                 compare every available backend on the embedded tiny MoE
+      capbench compare             show stored runs
+      capbench plugins             list plugins and whether each backend can run here
+      capbench model inspect NAME  parameters, sparsity, FLOPs and KV bytes of a model
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _pm() -> Any:
+    from capbench_core.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _resolve_model(pm: Any, name: str) -> Any:
+    from capbench_core.backend import ModelRef
+    from capbench_core.errors import unknown_name
+
+    if name in pm.models.names():
+        return pm.models.get(name)
+    path = Path(name)
+    if path.exists():
+        directory = path.parent if path.is_file() else path
+        return ModelRef(name=directory.name, path=directory.resolve())
+    raise unknown_name("model", name, pm.models.names())
+
+
+@cli.command()
+@click.option("--backend", "backends", metavar="A,B", help="Backends to compare (default: every available one).")
+@click.option("--model", "model_name", default="tiny-moe", show_default=True,
+              help="A registered model name or a Hugging Face model directory.")
+@click.option("--task", "task_name", default=None, help="Task (default: the model's own task, else 'random').")
+@click.option("--num-requests", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Measured requests per concurrency level.")
+@click.option("--warmup", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Warm-up requests per level, run first and excluded from the metrics (but recorded).")
+@click.option("--concurrency", default="1,8", show_default=True, metavar="N,...",
+              help="Concurrent requests; a list gives one row per level.")
+@click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
+              help="Hourly price of this machine, for $/Mtok.")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the backend (torch_moe: dtype, max_batch, max_model_len, threads).")
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the task (random: input_len, output_len, range_ratio, seed).")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB",
+              help="SQLAlchemy URL of the results database (default: SQLite in the user data dir).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results as JSON to this file.")
+def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
+        concurrency: str, price_usd_per_hour: float | None, backend_options: tuple[str, ...],
+        task_options: tuple[str, ...], db_url: str | None, json_path: Path | None) -> None:
+    """Run the same model and workload through each backend and print the CAP table."""
+    from capbench_core.report import print_results
+    from capbench_core.runner import RunPlan, Runner, detect_hardware, options_from_pairs
+    from capbench_core.store import Store
+
+    pm = _pm()
+    console = _console()
+    levels = _ints(concurrency, "--concurrency")
+    model = _resolve_model(pm, model_name)
+    task = pm.tasks.get(task_name or model.default_task or "random")
+    if backends:
+        chosen = _csv(backends)
+        for name in chosen:
+            pm.backends.get(name)
+    else:
+        chosen = [n for n, b in pm.backends.items() if b.available().ok]
+        skipped = [f"{n} ({b.available().reason})" for n, b in pm.backends.items() if not b.available().ok]
+        if skipped:
+            console.print(f"[dim]not available here: {'; '.join(skipped)}[/dim]", highlight=False)
+        if not chosen:
+            raise CapbenchError("no backend can run here; `capbench plugins` says why for each")
+    store = Store(db_url)
+    plan = RunPlan(backends=chosen, model=model, task=task, num_requests=num_requests, warmup=warmup,
+                   concurrency=levels, backend_options=options_from_pairs(list(backend_options)),
+                   task_options=options_from_pairs(list(task_options)), price_usd_per_hour=price_usd_per_hour)
+    with console.status("probing hardware (peaks are measured once per machine)…"):
+        hardware = detect_hardware(pm)
+    reporter = _progress_reporter(console)
+    _sigterm_as_interrupt()
+    results = Runner(pm, store, hardware, reporter).run(plan)
+    print_results(console, results)
+    console.print(f"[dim]stored {len(results)} run(s) in {store.url}[/dim]", highlight=False)
+    if json_path:
+        json_path.write_text(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
+        console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
+    if any(r.status == "failed" for r in results):
+        sys.exit(3)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _progress_reporter(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from capbench_core.runner import Reporter
+
+    class RichReporter(Reporter):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+
+        def phase(self, label: str, total: int) -> Any:
+            self.end_phase()
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=console, transient=True)
+            self.progress.start()
+            task = self.progress.add_task(label, total=total)
+            progress = self.progress
+            return lambda: progress.advance(task)
+
+        def end_phase(self) -> None:
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+        def note(self, text: str) -> None:
+            console.print(f"[yellow]{text}[/yellow]", highlight=False)
+
+    return RichReporter()
+
+
+@cli.command()
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@click.option("--model", default=None, help="Only runs of this model.")
+@click.option("--backend", default=None, help="Only runs of this backend.")
+@click.option("--task", default=None, help="Only runs of this task.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest N runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of tables.")
+def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, limit: int,
+            as_json: bool) -> None:
+    """Show stored runs as CAP tables, one table per (hardware, model, task)."""
+    from capbench_core.report import print_results, results_json
+    from capbench_core.store import Store
+
+    store = Store(db_url)
+    results = store.runs(model=model, backend=backend, task=task, limit=limit)
+    if as_json:
+        click.echo(json.dumps(results_json(results), indent=2))
+        return
+    if not results:
+        click.echo(f"no runs stored in {store.url} yet: try `capbench run`")
+        return
+    print_results(_console(), list(reversed(results)))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List plugins, where each comes from, what it registers, and backend availability."""
+    pm = _pm()
+    backends = {}
+    for name, backend in pm.backends.items():
+        availability = backend.available()
+        backends[name] = {"plugin": pm.backends.owner(name), "available": availability.ok,
+                          "reason": availability.reason, "description": getattr(backend, "description", "")}
+    listing = [{"name": p.name, "source": p.source, "registers": p.registers} for p in pm.plugins.values()]
+    if as_json:
+        click.echo(json.dumps({"plugins": listing, "backends": backends}, indent=2))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    table = Table(title="plugins", title_justify="left")
+    for col in ("plugin", "source", "registers"):
+        table.add_column(col)
+    for p in listing:
+        regs = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in p["registers"].items()) or "—"
+        table.add_row(Text(p["name"]), Text(p["source"]), Text(regs))
+    console.print(table)
+    table = Table(title="backends", title_justify="left")
+    for col in ("backend", "plugin", "available here", "why not"):
+        table.add_column(col)
+    for name, b in backends.items():
+        table.add_row(Text(name), Text(b["plugin"]), "yes" if b["available"] else "no", Text(b["reason"] or ""))
+    console.print(table)
+
+
+@cli.group()
+def model() -> None:
+    """Model analytics and the embedded tiny MoE."""
+
+
+@model.command("inspect")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the contract keys as JSON.")
+@click.option("--context-len", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Context length for flops_per_token.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32", "fp8"]), default="bfloat16",
+              show_default=True, help="Element type for byte counts.")
+def inspect_model(name: str, as_json: bool, context_len: int, dtype: str) -> None:
+    """Parameters (total / active per token), sparsity, FLOPs and KV bytes of NAME.
+
+    NAME is a registered model (see `capbench model list`), a model directory or a config.json.
+    """
+    from capbench_core.model_spec import spec_from_path
+
+    ref = _resolve_model(_pm(), name)
+    path = Path(name) if Path(name).is_file() else ref.path
+    spec = spec_from_path(path, ref.name)
+    if as_json:
+        click.echo(json.dumps(spec.summary(context_len, dtype), indent=2))
+        return
+    from capbench_core.report import print_model
+
+    print_model(_console(), spec, context_len, dtype)
+
+
+@model.command("list")
+def list_models() -> None:
+    """Registered models."""
+    pm = _pm()
+    for name, ref in pm.models.items():
+        click.echo(f"{name}\t{ref.description}\t{ref.path}")
+
+
+@cli.group()
+def hardware() -> None:
+    """What capbench sees on this machine."""
+
+
+@hardware.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print the HardwareSpec as JSON.")
+def show_hardware(as_json: bool) -> None:
+    """Devices, fingerprint and peaks (CPU peaks are measured once and cached)."""
+    from capbench_core.runner import detect_hardware
+
+    spec = detect_hardware(_pm())
+    if as_json:
+        click.echo(spec.model_dump_json(indent=2))
+        return
+    click.echo(f"fingerprint: {spec.fingerprint}")
+    for d in spec.devices:
+        mem = f", {d.memory_bytes / 2**30:.1f} GiB" if d.memory_bytes else ""
+        click.echo(f"{d.kind}: {d.count}x {d.model} ({d.vendor}{mem})")
+    bw = spec.peak_mem_bw_gbps
+    click.echo(f"peak memory bandwidth: {bw.value} GB/s ({bw.source}; {bw.note})")
+    for dtype, peak in spec.peak_flops_tflops.items():
+        click.echo(f"peak dense {dtype}: {peak.value} TFLOP/s ({peak.source}; {peak.note})")
+
+
+def main() -> None:
+    try:
+        _pm().add_commands(cli)
+    except CapbenchError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    cli(prog_name="capbench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Hardware identity and peaks.
+
+The fingerprint hashes the canonical device list (accelerator model x count +
+memory, CPU model, host memory rounded to GiB): the leaderboard only compares
+runs with equal fingerprints. On CPU, peak memory bandwidth and dense matmul
+FLOPs are measured by a short micro-benchmark, cached per fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from capbench_core.results import Device, HardwareSpec, Peak
+
+GIB = 1024**3
+
+
+def fingerprint(devices: Iterable[Device], cpu_model: str, host_memory_bytes: int) -> str:
+    accel = sorted(
+        (d.vendor, d.model, d.count, round((d.memory_bytes or 0) / GIB)) for d in devices if d.kind != "cpu")
+    canonical = {"accelerators": accel, "cpu_model": cpu_model,
+                 "host_memory_gib": round(host_memory_bytes / GIB)}
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def _best_of(runs: int, fn: Callable[[], float]) -> float:
+    return max(fn() for _ in range(runs))
+
+
+def measure_mem_bw_gbps(size_mib: int = 256, threads: int | None = None) -> float:
+    """Best-of-3 multi-threaded copy bandwidth: (read + write bytes) / seconds."""
+    import numpy as np
+
+    threads = threads or os.cpu_count() or 1
+    src = np.ones(size_mib * 1024 * 1024 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, src.size, threads + 1, dtype=np.int64)
+    parts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def copy(part: tuple[int, int]) -> None:
+        a, b = part
+        np.copyto(dst[a:b], src[a:b])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(copy, parts))  # warm the pages
+
+        def once() -> float:
+            t0 = time.perf_counter()
+            list(pool.map(copy, parts))
+            return 2 * src.nbytes / (time.perf_counter() - t0) / 1e9
+
+        return _best_of(3, once)
+
+
+def measure_matmul_tflops(n: int = 1024) -> float:
+    """Best-of-3 float32 GEMM rate through numpy's BLAS (all threads)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        return 4 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+    return _best_of(3, once)
+
+
+def _cache_file(fp: str) -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("capbench")) / f"peaks-{fp}.json"
+
+
+def cpu_peaks(fp: str, refresh: bool = False) -> tuple[Peak, dict[str, Peak]]:
+    """Measured CPU peaks, cached per fingerprint (delete the cache or refresh=True to re-measure)."""
+    cache = _cache_file(fp)
+    if cache.is_file() and not refresh:
+        data = json.loads(cache.read_text())
+    else:
+        data = {"mem_bw_gbps": measure_mem_bw_gbps(), "fp32_tflops": measure_matmul_tflops(),
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data))
+    note = f"micro-benchmark on this machine at {data['measured_at']}"
+    bw = Peak(value=round(data["mem_bw_gbps"], 2), source="measured", note=note + " (multi-threaded copy)")
+    flops = {
+        "float32": Peak(value=round(data["fp32_tflops"], 4), source="measured", note=note + " (numpy SGEMM)"),
+        "bfloat16": Peak(source="unknown", note="bf16 GEMM peak is not measured on CPU"),
+    }
+    return bw, flops
+
+
+def build_spec(devices: list[Device], refresh_peaks: bool = False) -> HardwareSpec:
+    """Assemble the HardwareSpec from probed devices; CPU peaks are measured."""
+    cpus = [d for d in devices if d.kind == "cpu"]
+    cpu = cpus[0] if cpus else Device(kind="cpu", vendor="unknown", model="unknown CPU", count=1)
+    cores = int(cpu.details.get("cores", os.cpu_count() or 1))
+    host_mem = int(cpu.memory_bytes or 0)
+    fp = fingerprint(devices, cpu.model, host_mem)
+    accel = [d for d in devices if d.kind != "cpu"]
+    if accel:
+        bw = Peak(source="unknown", note=f"no datasheet entry for {accel[0].model} yet")
+        flops: dict[str, Peak] = {}
+        compute = accel[0].model
+    else:
+        bw, flops = cpu_peaks(fp, refresh_peaks)
+        compute = "cpu"
+    return HardwareSpec(devices=devices, cpu_model=cpu.model, cpu_cores=cores, host_memory_bytes=host_mem,
+                        fingerprint=fp, peak_mem_bw_gbps=bw, peak_flops_tflops=flops, compute_device=compute)

@@ -1,0 +1,104 @@
+"""Every capbench hook, in one place. The docstring of each hook is its spec.
+
+A plugin is a module (or object) with functions marked `@hookimpl` whose names
+match the specs below, registered under the entry point group ``capbench``::
+
+    # pyproject.toml of capbench-foo
+    [project.entry-points.capbench]
+    foo = "capbench_foo"
+
+    # capbench_foo/__init__.py
+    from capbench_core import hookimpl
+
+    @hookimpl
+    def register_backends(register):
+        register.add_backend(FooBackend())
+
+Built-in plugins (``plugins/``) use exactly this mechanism.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from capbench_core.plugins import BackendRegistry, HardwareRegistry, ModelRegistry, TaskRegistry
+    from capbench_core.results import RunResult
+
+PROJECT = "capbench"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_backends(register: BackendRegistry) -> None:
+    """Add serving backends.
+
+    Call ``register.add_backend(backend)`` once per backend. ``backend`` follows
+    the :class:`capbench_core.backend.Backend` protocol: a unique ``name``,
+    ``available()`` (cheap; imports nothing heavy at module level) and
+    ``start(model, hardware, options)`` returning a context manager that
+    yields a :class:`~capbench_core.backend.Session`.
+    Called once when the plugin manager loads; a name already registered by
+    another plugin is an error naming both plugins.
+    """
+
+
+@hookspec
+def register_hardware_probes(register: HardwareRegistry) -> None:
+    """Add probes that detect devices on this machine.
+
+    Call ``register.add_probe(name, probe)`` where ``probe()`` returns a list of
+    :class:`capbench_core.hardware.Device` (empty when its kind of device is
+    absent). Probes must not raise for a missing driver: return ``[]``.
+    """
+
+
+@hookspec
+def register_tasks(register: TaskRegistry) -> None:
+    """Add workloads and accuracy tasks.
+
+    Call ``register.add_task(task)`` with an object following
+    :class:`capbench_core.workload.Task`: a unique ``name``, a one-line
+    ``description``, and ``build(model, options)`` returning a
+    :class:`~capbench_core.workload.Workload` (requests plus an optional scorer).
+    """
+
+
+@hookspec
+def register_models(register: ModelRegistry) -> None:
+    """Add named models, such as the embedded tiny MoE.
+
+    Call ``register.add_model(ModelRef(...))``. Names registered here can be
+    passed to ``capbench run --model`` and ``capbench model inspect``.
+    """
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add CLI subcommands.
+
+    ``cli`` is the root ``click.Group``; call ``cli.add_command(command)`` or
+    add to one of its groups (``cli.commands["model"]``). Import heavy modules
+    inside the command body so ``capbench --help`` stays fast.
+    """
+
+
+@hookspec
+def run_started(run: dict[str, Any]) -> None:
+    """Observe the start of one run (one backend x model x task x concurrency).
+
+    ``run`` holds ``run_id``, ``backend``, ``model``, ``task`` and
+    ``concurrency``. Exceptions raised here are reported and ignored.
+    """
+
+
+@hookspec
+def run_finished(result: RunResult) -> None:
+    """Observe a finished run (complete, partial or failed) after it is stored.
+
+    Use it for exporters and notifiers. Exceptions raised here are reported and
+    ignored; they never change the stored result.
+    """

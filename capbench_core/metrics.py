@@ -1,0 +1,195 @@
+"""Every metric formula, in one module. docs/metrics.md is the written definition.
+
+Times come from the client clock (``time.perf_counter_ns``); per request:
+TTFT = first token-bearing chunk - sent; E2E = last chunk - sent;
+TPOT = (E2E - TTFT) / (output_tokens - 1) for requests with >= 2 tokens;
+ITL = gaps between successive token-bearing chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from capbench_core.backend import DecodeStep
+from capbench_core.model_spec import DTYPE_BYTES, ModelSpec
+from capbench_core.results import Metrics, RequestRecord
+
+NS_PER_MS = 1e6
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_ms: float | None
+    e2e_ms: float | None
+    tpot_ms: float | None
+    itl_ms: list[float]
+    output_tokens: int
+    multi_token_chunks: int
+
+
+def request_timings(rec: RequestRecord) -> Timings:
+    """Per-request latencies from the raw chunk offsets (token-bearing chunks only)."""
+    offsets = [o for o, n in zip(rec.chunk_offsets_ns, rec.chunk_tokens) if n > 0]
+    tokens = rec.output_tokens if rec.output_tokens is not None else sum(rec.chunk_tokens)
+    multi = sum(1 for n in rec.chunk_tokens if n > 1)
+    if not offsets:
+        return Timings(None, None, None, [], tokens, multi)
+    ttft, e2e = offsets[0] / NS_PER_MS, offsets[-1] / NS_PER_MS
+    tpot = (e2e - ttft) / (tokens - 1) if tokens >= 2 else None
+    itl = [(b - a) / NS_PER_MS for a, b in zip(offsets, offsets[1:])]
+    return Timings(ttft, e2e, tpot, itl, tokens, multi)
+
+
+def percentile_fields(prefix: str, values: Sequence[float]) -> dict[str, float | None]:
+    """{prefix_mean, prefix_p50, prefix_p90, prefix_p99}; None when there are no values.
+
+    Percentiles use numpy's default (linear interpolation between order statistics).
+    """
+    keys = (f"{prefix}_mean", f"{prefix}_p50", f"{prefix}_p90", f"{prefix}_p99")
+    if not values:
+        return dict.fromkeys(keys)
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return dict(zip(keys, (float(arr.mean()), float(p50), float(p90), float(p99))))
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def uniform_expected_experts(num_experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts per layer for ``batch`` tokens under uniform routing:
+    E * (1 - (1 - k/E)^B)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def latency_and_throughput(records: Sequence[RequestRecord], window_ns: int | None) -> Metrics:
+    """Latency percentiles, token counts and throughputs over the measured requests."""
+    measured = [r for r in records if not r.warmup]
+    ok = [r for r in measured if r.error_kind is None]
+    timings = [request_timings(r) for r in ok]
+    errors: dict[str, int] = {}
+    for r in measured:
+        if r.error_kind is not None:
+            errors[r.error_kind] = errors.get(r.error_kind, 0) + 1
+    fields: dict[str, object] = {}
+    fields.update(percentile_fields("ttft_ms", [t.ttft_ms for t in timings if t.ttft_ms is not None]))
+    fields.update(percentile_fields("tpot_ms", [t.tpot_ms for t in timings if t.tpot_ms is not None]))
+    fields.update(percentile_fields("itl_ms", [g for t in timings for g in t.itl_ms]))
+    fields.update(percentile_fields("e2e_ms", [t.e2e_ms for t in timings if t.e2e_ms is not None]))
+    input_total = sum(r.prompt_tokens or 0 for r in ok)
+    output_total = sum(t.output_tokens for t in timings)
+    m = Metrics(num_requests=len(measured), num_completed=len(ok), num_failed=len(measured) - len(ok),
+                error_kinds=errors, multi_token_chunks=sum(t.multi_token_chunks for t in timings),
+                input_tokens_total=input_total, output_tokens_total=output_total, **fields)  # type: ignore[arg-type]
+    if window_ns and window_ns > 0:
+        seconds = window_ns / 1e9
+        m.duration_s = seconds
+        m.request_throughput_rps = len(ok) / seconds
+        m.input_tok_per_s = input_total / seconds
+        m.output_tok_per_s = output_total / seconds
+        m.total_tok_per_s = (input_total + output_total) / seconds
+    return m
+
+
+def accuracy(m: Metrics, records: Sequence[RequestRecord], metric: str | None) -> None:
+    """Share of measured requests judged correct; failed requests count as wrong."""
+    judged = [r for r in records if not r.warmup and (r.correct is not None or r.error_kind is not None)]
+    if metric is None or not judged:
+        m.notes["accuracy"] = "the task has no scorer" if metric is None else "no request was scored"
+        return
+    correct = sum(1 for r in judged if r.correct)
+    low, high = wilson_interval(correct, len(judged))
+    m.accuracy, m.accuracy_metric, m.accuracy_n = correct / len(judged), metric, len(judged)
+    m.accuracy_ci95_low, m.accuracy_ci95_high = low, high
+
+
+@dataclass(frozen=True)
+class StepCost:
+    bytes: float
+    flops: float
+
+
+def decode_step_cost(spec: ModelSpec, step: DecodeStep, dtype: str, kv_dtype: str) -> StepCost:
+    """Bytes read and FLOPs of one decode step with B live sequences and measured A_l.
+
+    bytes = dense weights (all but routed experts and the input table) + sum_l A_l x expert bytes
+            + B embedding rows + KV bytes of every live sequence's context.
+    FLOPs = B x 2 x (dense weights + top_k x expert params per MoE layer) + attention at the context.
+    """
+    w = DTYPE_BYTES[dtype]
+    dense = spec.dense_read_params()
+    experts_read = sum(step.distinct_experts) * spec.expert_params
+    embed_rows = step.batch_size * spec.hidden_size if spec.lm_head_params else 0
+    kv = step.context_tokens * spec.kv_bytes_per_token(kv_dtype)
+    bytes_read = (dense + experts_read + embed_rows) * w + kv
+    active_matmul = dense + spec.moe_layers * spec.top_k * spec.expert_params
+    attention = 2 * spec.num_layers * (spec.attn_score_dim + spec.attn_value_dim) * step.context_tokens
+    return StepCost(bytes_read, step.batch_size * 2.0 * active_matmul + attention)
+
+
+def sparse_efficiency(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], source: str, method: str,
+                      dtype: str, peak_bw_gbps: float | None, peak_tflops: float | None,
+                      kv_dtype: str | None = None) -> None:
+    """S-MBU and S-MFU over the decode steps of the measured window (sums of bytes and FLOPs over
+    the sum of step times, so long steps weigh what they cost)."""
+    if not steps:
+        m.notes["s_mbu"] = m.notes["s_mfu"] = "no decode step was recorded by the engine"
+        return
+    costs = [decode_step_cost(spec, s, dtype, kv_dtype or dtype) for s in steps]
+    seconds = sum(s.step_ns for s in steps) / 1e9
+    total_bytes, total_flops = sum(c.bytes for c in costs), sum(c.flops for c in costs)
+    moe_steps = [s for s in steps if s.distinct_experts]
+    m.decode_steps = len(steps)
+    m.decode_batch_mean = float(np.mean([s.batch_size for s in steps]))
+    m.decode_step_ms_mean = seconds * 1e3 / len(steps)
+    m.bytes_per_decode_step_mean = total_bytes / len(steps)
+    m.flops_per_decode_step_mean = total_flops / len(steps)
+    if moe_steps:
+        m.experts_activated_per_layer_mean = float(np.mean([np.mean(s.distinct_experts) for s in moe_steps]))
+        m.expert_activation_source = "measured" if source == "measured" else "estimated"
+        m.expert_activation_method = method
+    m.peak_mem_bw_gbps, m.peak_flops_tflops = peak_bw_gbps, peak_tflops
+    if peak_bw_gbps:
+        m.s_mbu = total_bytes / seconds / (peak_bw_gbps * 1e9)
+    else:
+        m.notes["s_mbu"] = "peak memory bandwidth of this hardware is unknown"
+    if peak_tflops:
+        m.s_mfu = total_flops / seconds / (peak_tflops * 1e12)
+    else:
+        m.notes["s_mfu"] = f"peak dense {dtype} FLOPs of this hardware are unknown"
+
+
+def hourly_cost(m: Metrics, price_usd_per_hour: float | None, model_name: str, missing_reason: str) -> None:
+    """cost_usd_per_mtok = $/h / (output tok/s x 3600) x 1e6; *_all uses all tokens (input + output)."""
+    if price_usd_per_hour is None:
+        m.notes["cost_usd_per_mtok"] = missing_reason
+        return
+    m.cost_model, m.price_usd_per_hour = model_name, price_usd_per_hour
+    if m.output_tok_per_s:
+        m.cost_usd_per_mtok = price_usd_per_hour / (m.output_tok_per_s * 3600) * 1e6
+    else:
+        m.notes["cost_usd_per_mtok"] = "no output throughput was measured"
+    if m.total_tok_per_s:
+        m.cost_usd_per_mtok_all = price_usd_per_hour / (m.total_tok_per_s * 3600) * 1e6
+
+
+def energy(m: Metrics, joules: float | None, source: str | None, missing_reason: str) -> None:
+    """J per output token over the measured window, from an energy counter."""
+    if joules is None:
+        m.notes["energy_j"] = missing_reason
+        return
+    m.energy_j, m.energy_source = joules, source
+    if m.output_tokens_total:
+        m.energy_j_per_output_token = joules / m.output_tokens_total

@@ -1,0 +1,137 @@
+"""Terminal rendering of results (rich): the CAP table and model breakdowns.
+
+Nulls print as '—' and their reasons are listed once under the table.
+All values are rendered as plain text (no rich markup is interpreted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from capbench_core.model_spec import ModelSpec
+from capbench_core.results import RunResult
+
+DASH = "—"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return DASH if value is None else f"{100 * value:.2f}%"
+
+
+def _accuracy(r: RunResult) -> str:
+    m = r.metrics
+    if m.accuracy is None:
+        return DASH
+    return f"{m.accuracy:.3f} [{m.accuracy_ci95_low:.2f},{m.accuracy_ci95_high:.2f}] n={m.accuracy_n}"
+
+
+def _experts(r: RunResult) -> str:
+    m = r.metrics
+    if m.experts_activated_per_layer_mean is None:
+        return DASH
+    tag = "meas" if m.expert_activation_source == "measured" else "est"
+    return f"{m.experts_activated_per_layer_mean:.2f}/{r.model.num_experts} {tag}"
+
+
+COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
+    ("backend", lambda r: r.backend),
+    ("conc", lambda r: str(r.workload.concurrency)),
+    ("status", lambda r: r.status),
+    ("TTFT p50 ms", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
+    ("TPOT p50 ms", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
+    ("out tok/s", lambda r: _fmt(r.metrics.output_tok_per_s, ".1f")),
+    ("accuracy [95% CI]", _accuracy),
+    ("A experts/layer", _experts),
+    ("S-MBU", lambda r: _pct(r.metrics.s_mbu)),
+    ("S-MFU", lambda r: _pct(r.metrics.s_mfu)),
+    ("$/Mtok", lambda r: _fmt(r.metrics.cost_usd_per_mtok, ".4g")),
+    ("J/token", lambda r: _fmt(r.metrics.energy_j_per_output_token, ".4g")),
+]
+
+NOTE_KEYS = {"cost_usd_per_mtok": "$/Mtok", "energy_j": "J/token", "s_mbu": "S-MBU", "s_mfu": "S-MFU",
+             "accuracy": "accuracy"}
+
+
+def cap_table(results: Sequence[RunResult], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for header, _ in COLUMNS:
+        table.add_column(header, justify="left" if header in ("backend", "status") else "right")
+    for r in results:
+        table.add_row(*(Text(cell(r)) for _, cell in COLUMNS))
+    return table
+
+
+def null_reasons(results: Sequence[RunResult]) -> list[str]:
+    """One line per (column, reason) pair, and per failed run."""
+    lines: list[str] = []
+    for r in results:
+        if r.status != "complete" and r.status_reason:
+            lines.append(f"{r.backend} c={r.workload.concurrency}: {r.status} — {r.status_reason}")
+        for key, label in NOTE_KEYS.items():
+            reason = r.metrics.notes.get(key)
+            line = f"{label}: {reason}"
+            if reason and line not in lines:
+                lines.append(line)
+    return lines
+
+
+def print_results(console: Console, results: Sequence[RunResult]) -> None:
+    """The CAP table, grouped by (hardware, model, task), then the reasons for empty cells."""
+    groups: dict[tuple[str, str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.hardware.fingerprint, r.model.name, r.workload.task), []).append(r)
+    for (fp, model, task), rows in groups.items():
+        hw = rows[0].hardware
+        title = (f"CAP — model {model}, task {task}, hardware {hw.label()} [{fp}]  "
+                 f"(peak {_fmt(hw.peak_mem_bw_gbps.value, '.1f')} GB/s, {hw.peak_mem_bw_gbps.source})")
+        console.print(cap_table(rows, title=title))
+        for line in null_reasons(rows):
+            console.print(Text(f"  • {line}", style="dim"))
+
+
+def results_json(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Rows for `compare --json`: identity plus every aggregate metric."""
+    return [{"run_id": r.run_id, "started_at": r.started_at.isoformat(), "status": r.status,
+             "backend": r.backend, "model": r.model.name, "task": r.workload.task,
+             "concurrency": r.workload.concurrency, "hardware_fingerprint": r.hardware.fingerprint,
+             "engine_version": r.engine.version if r.engine else None,
+             **r.metrics.model_dump(mode="json")} for r in results]
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(n)
+
+
+def model_table(spec: ModelSpec, context_len: int, dtype: str) -> Table:
+    table = Table(title=f"{spec.name} ({spec.architecture})", title_justify="left")
+    table.add_column("component")
+    table.add_column("total params", justify="right")
+    table.add_column("active params / token", justify="right")
+    for name, comp in spec.components.items():
+        table.add_row(name, _count(comp.total), _count(comp.active))
+    table.add_row("[b]total[/b]", _count(spec.total_params), _count(spec.active_params))
+    table.add_row("active without input embedding", "", _count(spec.active_params_no_embed))
+    return table
+
+
+def print_model(console: Console, spec: ModelSpec, context_len: int, dtype: str) -> None:
+    console.print(model_table(spec, context_len, dtype))
+    s = spec.summary(context_len, dtype)
+    console.print(f"experts {spec.num_experts} (top-{spec.top_k}, {spec.shared_experts} shared), "
+                  f"MoE layers {spec.moe_layers}/{spec.num_layers}, sparsity {spec.sparsity:.4f}")
+    console.print(f"FLOPs/token at context {context_len}: {s['flops_per_token']:.4g}; "
+                  f"KV bytes/token ({dtype}): {s['kv_bytes_per_token']:.4g}; "
+                  f"weights ({dtype}): {s['weight_bytes'] / 1e9:.3f} GB; "
+                  f"one expert of one layer: {s['expert_bytes_per_layer'] / 1e6:.3f} MB")

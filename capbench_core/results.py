@@ -1,0 +1,214 @@
+"""RunResult and friends: the one record of a run, stored, exported and rendered.
+
+``schemas/run_result.schema.json`` is generated from these models
+(``python -m capbench_core.results``); a test fails when it drifts.
+Unmeasured metrics are ``None`` with a reason in ``Metrics.notes`` — never 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+Status = Literal["complete", "partial", "failed"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Device(_Model):
+    """One kind of device on the machine (``count`` identical units)."""
+
+    kind: Literal["cpu", "gpu", "accelerator"]
+    vendor: str
+    model: str
+    count: int = Field(ge=1)
+    memory_bytes: int | None = Field(default=None, ge=0)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Peak(_Model):
+    """A peak rate with its provenance (``measured`` on this machine or ``datasheet``)."""
+
+    value: float | None = Field(default=None, ge=0)
+    source: Literal["measured", "datasheet", "unknown"]
+    note: str = ""
+
+
+class HardwareSpec(_Model):
+    devices: list[Device]
+    cpu_model: str
+    cpu_cores: int
+    host_memory_bytes: int
+    fingerprint: str
+    peak_mem_bw_gbps: Peak
+    peak_flops_tflops: dict[str, Peak] = Field(default_factory=dict)
+    compute_device: str = "cpu"
+
+    def label(self) -> str:
+        accel = [d for d in self.devices if d.kind != "cpu"]
+        if accel:
+            return ", ".join(f"{d.count}x {d.model}" for d in accel)
+        return f"{self.cpu_model} ({self.cpu_cores} cores)"
+
+
+class EngineRecord(_Model):
+    name: str
+    version: str
+    launch_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRecord(_Model):
+    name: str
+    path: str
+    architecture: str
+    total_params: int
+    active_params: int
+    active_params_no_embed: int
+    num_experts: int
+    top_k: int
+    sparsity: float
+    dtype: str
+
+
+class WorkloadRecord(_Model):
+    task: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    hash: str
+    num_requests: int
+    warmup_requests: int
+    concurrency: int
+    sampling: dict[str, Any]
+
+
+class RequestRecord(_Model):
+    """Raw facts of one request: enough to recompute any metric definition."""
+
+    id: str
+    warmup: bool = False
+    sent_ns: int = Field(description="request sent, ns since the run's clock origin")
+    chunk_offsets_ns: list[int] = Field(default_factory=list, description="chunk arrival - sent_ns")
+    chunk_tokens: list[int] = Field(default_factory=list)
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    token_count_source: Literal["engine", "tokenizer"] = "engine"
+    finish_reason: str | None = None
+    output_text: str | None = None
+    correct: bool | None = None
+    error_kind: str | None = None
+    error: str | None = None
+
+
+class Metrics(_Model):
+    """Aggregates over the measured window; see docs/metrics.md for each definition."""
+
+    num_requests: int = 0
+    num_completed: int = 0
+    num_failed: int = 0
+    error_kinds: dict[str, int] = Field(default_factory=dict)
+    duration_s: float | None = None
+    ttft_ms_mean: float | None = None
+    ttft_ms_p50: float | None = None
+    ttft_ms_p90: float | None = None
+    ttft_ms_p99: float | None = None
+    tpot_ms_mean: float | None = None
+    tpot_ms_p50: float | None = None
+    tpot_ms_p90: float | None = None
+    tpot_ms_p99: float | None = None
+    itl_ms_mean: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p90: float | None = None
+    itl_ms_p99: float | None = None
+    e2e_ms_mean: float | None = None
+    e2e_ms_p50: float | None = None
+    e2e_ms_p90: float | None = None
+    e2e_ms_p99: float | None = None
+    multi_token_chunks: int = 0
+    request_throughput_rps: float | None = None
+    input_tok_per_s: float | None = None
+    output_tok_per_s: float | None = None
+    total_tok_per_s: float | None = None
+    input_tokens_total: int = 0
+    output_tokens_total: int = 0
+    accuracy: float | None = None
+    accuracy_metric: str | None = None
+    accuracy_n: int | None = None
+    accuracy_ci95_low: float | None = None
+    accuracy_ci95_high: float | None = None
+    experts_activated_per_layer_mean: float | None = None
+    expert_activation_source: Literal["measured", "estimated"] | None = None
+    expert_activation_method: str | None = None
+    decode_steps: int | None = None
+    decode_batch_mean: float | None = None
+    decode_step_ms_mean: float | None = None
+    bytes_per_decode_step_mean: float | None = None
+    flops_per_decode_step_mean: float | None = None
+    s_mbu: float | None = None
+    s_mfu: float | None = None
+    peak_mem_bw_gbps: float | None = None
+    peak_flops_tflops: float | None = None
+    cost_model: str | None = None
+    price_usd_per_hour: float | None = None
+    cost_usd_per_mtok: float | None = None
+    cost_usd_per_mtok_all: float | None = None
+    energy_j: float | None = None
+    energy_j_per_output_token: float | None = None
+    energy_source: str | None = None
+    notes: dict[str, str] = Field(default_factory=dict, description="why a metric is null, or how it was got")
+
+
+class RunResult(_Model):
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    status: Status
+    status_reason: str = ""
+    capbench_version: str
+    git_sha: str | None = None
+    backend: str
+    engine: EngineRecord | None = None
+    model: ModelRecord
+    hardware: HardwareSpec
+    workload: WorkloadRecord
+    requests: list[RequestRecord] = Field(default_factory=list)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON (sorted keys): the identity used on import."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {"run_result": RunResult}
+
+
+def schema_texts() -> dict[str, str]:
+    """File name -> JSON Schema text, as committed under schemas/."""
+    return {f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+            for name, model in SCHEMAS.items()}
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    written = []
+    for name, text in schema_texts().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    from capbench_schemas import SCHEMA_DIR
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_DIR
+    for p in write_schemas(target):
+        print(p)

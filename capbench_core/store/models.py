@@ -1,0 +1,43 @@
+"""SQLAlchemy tables: one row per run, indexed metric columns plus the full JSON."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    schema_version: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16))
+    backend: Mapped[str] = mapped_column(String(64))
+    engine_version: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    task: Mapped[str] = mapped_column(String(128))
+    workload_hash: Mapped[str] = mapped_column(String(64))
+    concurrency: Mapped[int] = mapped_column(Integer)
+    hardware_fingerprint: Mapped[str] = mapped_column(String(64))
+    ttft_ms_p50: Mapped[float | None] = mapped_column(Float)
+    tpot_ms_p50: Mapped[float | None] = mapped_column(Float)
+    output_tok_per_s: Mapped[float | None] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    s_mbu: Mapped[float | None] = mapped_column(Float)
+    s_mfu: Mapped[float | None] = mapped_column(Float)
+    cost_usd_per_mtok: Mapped[float | None] = mapped_column(Float)
+    energy_j_per_output_token: Mapped[float | None] = mapped_column(Float)
+    result_json: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_runs_group", "hardware_fingerprint", "model", "task"),
+        Index("ix_runs_started_at", "started_at"),
+    )

@@ -1,0 +1,51 @@
+"""Workloads (request sets) and tasks (a workload plus an optional scorer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from capbench_core.backend import ModelRef, Request
+
+
+@dataclass(frozen=True)
+class Scored:
+    """How a task scores: metric name and a per-request judge (text, expected) -> correct."""
+
+    metric: str
+    judge: Callable[[str, str], bool]
+
+
+@dataclass
+class Workload:
+    """Requests in order, with the expected answer of each when the task is scored."""
+
+    task: str
+    requests: list[Request]
+    expected: dict[str, str] = field(default_factory=dict)
+    scoring: Scored | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def hash(self) -> str:
+        """sha256 over prompts, lengths and sampling: equal hashes mean the same workload."""
+        items = [{"prompt": r.prompt, "max_tokens": r.max_tokens, "ignore_eos": r.ignore_eos,
+                  "sampling": asdict(r.sampling)} for r in self.requests]
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+    def score(self, request_id: str, text: str) -> bool | None:
+        if self.scoring is None or request_id not in self.expected:
+            return None
+        return self.scoring.judge(text, self.expected[request_id])
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    description: str
+
+    def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
+        """Make ``num_requests`` requests; options come from ``--task-option k=v``."""
+        ...

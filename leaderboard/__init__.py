@@ -1,0 +1,1 @@
+"""capbench_leaderboard: renders the static CAP leaderboard from the results database."""

@@ -1,0 +1,64 @@
+"""The torch_moe Backend: loads a Hub-layout checkpoint into the plain-PyTorch engine."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
+from capbench_core.errors import CapbenchError
+from capbench_core.results import HardwareSpec
+
+DTYPES = ("float32", "bfloat16")
+DEFAULTS: dict[str, Any] = {"dtype": "float32", "max_batch": 64, "max_model_len": None, "threads": None}
+
+
+def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise CapbenchError(f"torch_moe does not know option(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(DEFAULTS)}")
+    merged = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    if merged["dtype"] not in DTYPES:
+        raise CapbenchError(f"torch_moe dtype={merged['dtype']!r} is not supported; use one of {', '.join(DTYPES)}")
+    for key in ("max_batch", "max_model_len", "threads"):
+        if merged[key] is not None:
+            merged[key] = int(merged[key])
+    return merged
+
+
+class TorchMoEBackend:
+    name = "torch_moe"
+    description = "raw PyTorch MoE execution (continuous batching, router instrumentation)"
+
+    def available(self) -> Availability:
+        if importlib.util.find_spec("torch") is None:
+            return Availability.no("torch is not installed (pip install torch, then capbench[torch])")
+        return Availability.yes()
+
+    @contextmanager
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+        import torch
+        from tokenizers import Tokenizer
+
+        from capbench_torch_moe.engine import Engine, TorchMoESession
+        from capbench_torch_moe.model import load_hf
+
+        opts = _options(options)
+        if opts["threads"]:
+            torch.set_num_threads(opts["threads"])
+        tok_file = model.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CapbenchError(f"{tok_file} is missing: torch_moe needs the model's tokenizer.json")
+        dtype = getattr(torch, opts["dtype"])
+        net = load_hf(model.path, dtype=dtype)
+        max_len = opts["max_model_len"] or min(net.cfg.max_position_embeddings, 4096)
+        engine = Engine(net, Tokenizer.from_file(str(tok_file)), opts["max_batch"], max_len, net.cfg.eos_token_id)
+        info = EngineInfo("torch_moe", f"torch {torch.__version__}",
+                          {**opts, "max_model_len": max_len, "threads": torch.get_num_threads()})
+        try:
+            yield TorchMoESession(engine, info)
+        finally:
+            engine.close()
