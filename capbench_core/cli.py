@@ -82,7 +82,8 @@ def _resolve_model(pm: Any, name: str) -> Any:
     path = Path(name)
     if path.exists():
         directory = path.parent if path.is_file() else path
-        return ModelRef(name=directory.name, path=directory.resolve())
+        label = path.stem if path.is_file() and path.stem != "config" else directory.resolve().name
+        return ModelRef(name=label, path=directory.resolve())
     raise unknown_name("model", name, pm.models.names())
 
 

@@ -437,6 +437,7 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32,
                 block.moe.down[e].copy_(take(p + down_n))
     model = model.to(dtype)
     model.eval()
+    model.requires_grad_(False)
     return model
 
 

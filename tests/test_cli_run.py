@@ -1,0 +1,137 @@
+"""`capbench run` end to end on the embedded tiny MoE: table, store, JSON, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import CAPBENCH, run_cli
+
+
+def test_run_prints_cap_table_and_stores_every_run(tmp_path: Path, db_url: str) -> None:
+    out = tmp_path / "results.json"
+    proc = run_cli("run", "--backend", "torch_moe", "--num-requests", "40", "--warmup", "2",
+                   "--concurrency", "1,4", "--db", db_url, "--json", str(out), check=True)
+    assert "CAP — model tiny-moe, task arith" in proc.stdout
+    assert "S-MBU" in proc.stdout and "no price for this hardware" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["workload"]["concurrency"] for r in results] == [1, 4]
+    for r in results:
+        m = r["metrics"]
+        assert r["status"] == "complete"
+        assert m["accuracy"] >= 0.9 and m["accuracy_n"] == 40
+        assert m["expert_activation_source"] == "measured"
+        assert 2 <= m["experts_activated_per_layer_mean"] <= 8
+        assert 0 < m["s_mbu"] < 1 and 0 < m["s_mfu"] < 1
+        assert m["cost_usd_per_mtok"] is None and "price" in m["notes"]["cost_usd_per_mtok"]
+        assert m["energy_j"] is None or m["energy_j_per_output_token"] > 0
+        assert m["ttft_ms_p50"] > 0 and m["tpot_ms_p50"] > 0 and m["output_tok_per_s"] > 0
+        warm = [q for q in r["requests"] if q["warmup"]]
+        assert len(warm) == 2 and len(r["requests"]) == 42
+        assert r["workload"]["sampling"]["temperature"] == 0.0
+    assert results[1]["metrics"]["decode_batch_mean"] > 1
+    with create_engine(db_url).connect() as conn:
+        assert conn.execute(text("select count(*) from runs")).scalar() == 2
+    shown = run_cli("compare", "--db", db_url, check=True).stdout
+    assert "torch_moe" in shown and "complete" in shown
+    rows = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    assert {row["concurrency"] for row in rows} == {1, 4}
+
+
+def test_price_gives_cost(db_url: str) -> None:
+    proc = run_cli("run", "--num-requests", "8", "--warmup", "0", "--concurrency", "2", "--db", db_url,
+                   "--price-usd-per-hour", "0.5", "--task", "random", "--task-option", "output_len=8", check=True)
+    [row] = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    assert row["cost_usd_per_mtok"] == pytest.approx(0.5 / (row["output_tok_per_s"] * 3600) * 1e6)
+    assert row["accuracy"] is None and row["output_tokens_total"] == 64
+    assert "random" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "torch_mo"], "unknown backend 'torch_mo' — did you mean 'torch_moe'?"),
+    (["--task", "arth"], "unknown task 'arth' — did you mean 'arith'?"),
+    (["--model", "tiny-mo"], "unknown model 'tiny-mo' — did you mean 'tiny-moe'?"),
+    (["--concurrency", "0"], "--concurrency '0' needs integers >= 1"),
+    (["--backend-option", "dtype"], "option dtype='' is malformed: write KEY=VALUE"),
+])
+def test_bad_input_is_one_line(args: list[str], message: str, db_url: str) -> None:
+    proc = run_cli("run", "--db", db_url, *args)
+    assert proc.returncode == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_without_weights_names_the_file(tmp_path: Path, db_url: str) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        (Path(__file__).parent / "data" / "model_configs" / "mixtral-8x7b.json").read_text())
+    proc = run_cli("run", "--model", str(tmp_path / "m"), "--db", db_url, "--num-requests", "2")
+    assert proc.returncode == 3
+    assert "failed" in proc.stdout and "tokenizer.json is missing" in proc.stdout
+
+
+def _failing_plugin(site: Path) -> dict[str, str]:
+    (site / "capbench_broken").mkdir(parents=True)
+    (site / "capbench_broken" / "__init__.py").write_text(textwrap.dedent('''
+        from contextlib import contextmanager
+        from capbench_core import hookimpl
+        from capbench_core.backend import Availability
+
+        class Broken:
+            name = "broken"
+            description = "fails to start"
+            def available(self):
+                return Availability.yes()
+            @contextmanager
+            def start(self, model, hardware, options):
+                raise RuntimeError("engine exited with code 1 during start-up")
+                yield
+
+        @hookimpl
+        def register_backends(register):
+            register.add_backend(Broken())
+    '''))
+    dist = site / "capbench_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: capbench-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[capbench]\nbroken = capbench_broken\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_backend_that_fails_to_start_gets_a_failed_row(tmp_path: Path, db_url: str) -> None:
+    env = _failing_plugin(tmp_path / "site")
+    proc = run_cli("run", "--backend", "broken,torch_moe", "--num-requests", "6", "--warmup", "0",
+                   "--concurrency", "2", "--db", db_url, env=env)
+    assert proc.returncode == 3
+    rows = {r["backend"]: r for r in json.loads(run_cli("compare", "--db", db_url, "--json").stdout)}
+    assert rows["broken"]["status"] == "failed"
+    assert rows["torch_moe"]["status"] == "complete"
+    assert "engine exited with code 1 during start-up" in proc.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stores_partial_run_and_exits_130(db_url: str, sig: signal.Signals) -> None:
+    proc = subprocess.Popen([CAPBENCH, "run", "--num-requests", "5000", "--warmup", "0", "--concurrency", "1",
+                             "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    engine = create_engine(db_url)
+    time.sleep(8)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stored as partial" in err
+    with engine.connect() as conn:
+        status, body = conn.execute(text("select status, result_json from runs")).one()
+    result = json.loads(body)
+    assert status == "partial" and "interrupted" in result["status_reason"]
+    assert result["metrics"]["num_completed"] > 0
+    assert result["metrics"]["ttft_ms_p50"] is not None
+    with engine.connect() as conn:
+        assert conn.execute(text("pragma integrity_check")).scalar() == "ok"

@@ -1,0 +1,199 @@
+"""Plugin core: entry point discovery, typed registries, collisions, env controls, hook docs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from capbench_core import hookimpl, hookspecs
+from capbench_core.backend import Availability, ModelRef
+from capbench_core.errors import CapbenchError
+from capbench_core.plugins import PluginManager
+from tests.conftest import ROOT, run_cli
+
+BUILT_INS = {"torch_moe", "tasks", "hw"}
+
+
+def _install_fake_plugin(site: Path) -> dict[str, str]:
+    """A throwaway distribution with an entry point, on a path of its own (no change to capbench)."""
+    (site / "capbench_hello").mkdir(parents=True)
+    (site / "capbench_hello" / "__init__.py").write_text(textwrap.dedent('''
+        from capbench_core import hookimpl
+        from capbench_core.backend import Availability
+
+        class HelloBackend:
+            name = "hello"
+            description = "a third-party test backend"
+            def available(self):
+                return Availability.no("hello needs a device this machine does not have")
+            def start(self, model, hardware, options):
+                raise RuntimeError("unreachable")
+
+        @hookimpl
+        def register_backends(register):
+            register.add_backend(HelloBackend())
+    '''))
+    dist = site / "capbench_hello-0.3.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: capbench-hello\nVersion: 0.3.1\n")
+    (dist / "entry_points.txt").write_text("[capbench]\nhello = capbench_hello\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_external_plugin_is_discovered_through_its_entry_point(tmp_path: Path) -> None:
+    env = _install_fake_plugin(tmp_path / "site")
+    data = json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)
+    plugins = {p["name"]: p for p in data["plugins"]}
+    assert plugins["hello"]["source"] == "capbench-hello 0.3.1"
+    assert plugins["hello"]["registers"] == {"backend": ["hello"]}
+    assert data["backends"]["hello"] == {"plugin": "hello", "available": False,
+                                         "reason": "hello needs a device this machine does not have",
+                                         "description": "a third-party test backend"}
+    assert BUILT_INS <= set(plugins)
+
+
+def test_builtins_say_where_they_come_from() -> None:
+    data = json.loads(run_cli("plugins", "--json", check=True).stdout)
+    for p in data["plugins"]:
+        if p["name"] in BUILT_INS:
+            assert p["source"].startswith("built-in (capbench ")
+    assert data["backends"]["torch_moe"]["available"] is True
+    human = run_cli("plugins", check=True).stdout
+    assert "torch_moe" in human and "built-in" in human
+
+
+def test_env_controls_select_and_disable_plugins() -> None:
+    only = json.loads(run_cli("plugins", "--json", env={"CAPBENCH_PLUGINS": "tasks"}, check=True).stdout)
+    assert [p["name"] for p in only["plugins"]] == ["tasks"]
+    without = json.loads(run_cli("plugins", "--json", env={"CAPBENCH_DISABLE_PLUGINS": "torch_moe"},
+                                 check=True).stdout)
+    assert "torch_moe" not in {p["name"] for p in without["plugins"]}
+    assert "torch_moe" not in without["backends"]
+
+
+class _Backend:
+    description = "inline"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def available(self) -> Availability:
+        return Availability.yes()
+
+    def start(self, model, hardware, options):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+class _Plugin:
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    @hookimpl
+    def register_backends(self, register) -> None:  # type: ignore[no-untyped-def]
+        register.add_backend(_Backend(self.backend))
+
+
+def test_name_collision_names_both_plugins() -> None:
+    pm = PluginManager(load_entry_points=False)
+    pm.register(_Plugin("dup"), "first")
+    pm.register(_Plugin("dup"), "second")
+    with pytest.raises(CapbenchError, match="registered twice: by plugin 'first' and by plugin 'second'"):
+        pm.collect()
+
+
+def test_collision_with_a_builtin_is_an_error_too() -> None:
+    pm = PluginManager()
+    pm.register(_Plugin("torch_moe"), "impostor")
+    with pytest.raises(CapbenchError, match="by plugin 'torch_moe' and by plugin 'impostor'"):
+        pm.collect()
+
+
+def test_registry_rejects_a_backend_without_the_contract() -> None:
+    class Broken:
+        @hookimpl
+        def register_backends(self, register) -> None:  # type: ignore[no-untyped-def]
+            register.add_backend(object())
+
+    pm = PluginManager(load_entry_points=False)
+    pm.register(Broken(), "broken")
+    with pytest.raises(CapbenchError, match="registered a backend without 'name'"):
+        pm.collect()
+
+
+def test_unknown_names_suggest_the_closest() -> None:
+    pm = PluginManager().collect()
+    with pytest.raises(CapbenchError, match="unknown backend 'torch_mo' — did you mean 'torch_moe'"):
+        pm.backends.get("torch_mo")
+    with pytest.raises(CapbenchError, match="Available: arith, random"):
+        pm.tasks.get("gsm9k")
+
+
+# --- every hook is documented and exercised by an inline plugin -------------------
+
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+         if hasattr(fn, "capbench_spec")]
+
+
+def test_every_hook_is_documented() -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for name in HOOKS:
+        assert f"`{name}" in docs, f"docs/plugins.md does not document {name}"
+        assert inspect.getdoc(getattr(hookspecs, name)), f"{name} has no docstring"
+
+
+def test_every_hook_is_called_with_an_inline_plugin(tmp_path: Path) -> None:
+    import click
+
+    from capbench_core.results import RunResult
+
+    calls: list[str] = []
+
+    class Everything:
+        @hookimpl
+        def register_backends(self, register):  # type: ignore[no-untyped-def]
+            calls.append("register_backends")
+            register.add_backend(_Backend("inline"))
+
+        @hookimpl
+        def register_tasks(self, register):  # type: ignore[no-untyped-def]
+            calls.append("register_tasks")
+
+        @hookimpl
+        def register_models(self, register):  # type: ignore[no-untyped-def]
+            calls.append("register_models")
+            register.add_model(ModelRef("m", tmp_path))
+
+        @hookimpl
+        def register_hardware_probes(self, register):  # type: ignore[no-untyped-def]
+            calls.append("register_hardware_probes")
+            register.add_probe("none", lambda: [])
+
+        @hookimpl
+        def register_commands(self, cli):  # type: ignore[no-untyped-def]
+            calls.append("register_commands")
+            cli.add_command(click.Command("hello"))
+
+        @hookimpl
+        def run_started(self, run):  # type: ignore[no-untyped-def]
+            calls.append("run_started")
+
+        @hookimpl
+        def run_finished(self, result):  # type: ignore[no-untyped-def]
+            calls.append("run_finished")
+            raise RuntimeError("observer bug")
+
+    pm = PluginManager(load_entry_points=False)
+    pm.register(Everything(), "everything")
+    pm.collect()
+    group = click.Group()
+    pm.add_commands(group)
+    assert pm.notify_started({"run_id": "x"}) == []
+    warnings = pm.notify_finished(RunResult.model_construct())
+    assert warnings == ["an observer plugin failed: observer bug"]
+    assert sorted(calls) == sorted(HOOKS)
+    assert "hello" in group.commands and pm.models.owner("m") == "everything"
