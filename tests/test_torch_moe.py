@@ -10,7 +10,7 @@ import torch
 
 from capbench_core.backend import Request
 from capbench_core.errors import CapbenchError
-from capbench_torch_moe.engine import Engine, TorchMoESession
+from capbench_torch_moe.engine import Channel, Engine, TorchMoESession
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer, load_hf
 
 transformers = pytest.importorskip("transformers")
@@ -132,7 +132,7 @@ def test_engine_batches_concurrent_requests_without_changing_outputs(tiny) -> No
 
     model = load_hf(tiny.path)
     tok = Tokenizer.from_file(str(tiny.path / "tokenizer.json"))
-    engine = Engine(model, tok, max_batch=8, max_model_len=64, eos_token_id=model.cfg.eos_token_id)
+    engine = Engine(lambda: model, tok, max_batch=8, max_model_len=64)
     session = TorchMoESession(engine, None)
     try:
         reqs = [Request(id=str(i), prompt=f"{100 + i * 37}+{250 + i * 11}=", max_tokens=6) for i in range(8)]
@@ -154,10 +154,11 @@ def test_too_long_request_is_refused_clearly(tiny) -> None:
     from tokenizers import Tokenizer
 
     model = load_hf(tiny.path)
-    engine = Engine(model, Tokenizer.from_file(str(tiny.path / "tokenizer.json")), 2, 16, None)
+    engine = Engine(lambda: model, Tokenizer.from_file(str(tiny.path / "tokenizer.json")), 2, 16)
     try:
         with pytest.raises(CapbenchError, match="exceeds max_model_len 16"):
-            engine.submit(Request(id="x", prompt="1+1=", max_tokens=40), lambda item: None)
+            engine.submit(Request(id="x", prompt="1+1=", max_tokens=40),
+                          Channel(asyncio.new_event_loop(), asyncio.Queue()))
     finally:
         engine.close()
 

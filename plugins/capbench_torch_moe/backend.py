@@ -47,17 +47,14 @@ class TorchMoEBackend:
         from capbench_torch_moe.model import load_hf
 
         opts = _options(options)
-        if opts["threads"]:
-            torch.set_num_threads(opts["threads"])
         tok_file = model.path / "tokenizer.json"
         if not tok_file.is_file():
             raise CapbenchError(f"{tok_file} is missing: torch_moe needs the model's tokenizer.json")
         dtype = getattr(torch, opts["dtype"])
-        net = load_hf(model.path, dtype=dtype)
-        max_len = opts["max_model_len"] or min(net.cfg.max_position_embeddings, 4096)
-        engine = Engine(net, Tokenizer.from_file(str(tok_file)), opts["max_batch"], max_len, net.cfg.eos_token_id)
+        engine = Engine(lambda: load_hf(model.path, dtype=dtype), Tokenizer.from_file(str(tok_file)),
+                        opts["max_batch"], opts["max_model_len"], opts["threads"])
         info = EngineInfo("torch_moe", f"torch {torch.__version__}",
-                          {**opts, "max_model_len": max_len, "threads": torch.get_num_threads()})
+                          {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads})
         try:
             yield TorchMoESession(engine, info)
         finally:

@@ -24,16 +24,29 @@ from capbench_core.backend import DecodeStep, ExpertActivation, Request, TokenCh
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 
-Emit = Callable[[TokenChunk | BaseException | None], None]
+Item = TokenChunk | BaseException | None
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where one request's chunks go: an asyncio queue and the loop that owns it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Item]
+
+
+def _deliver(batch: list[tuple[asyncio.Queue[Item], Item]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
 
 
 @dataclass
 class _Sequence:
     request: Request
     prompt_ids: list[int]
-    emit: Emit
+    channel: Channel
+    detok: Any
     generated: list[int] = field(default_factory=list)
-    text_sent: str = ""
     generator: torch.Generator | None = None
 
     @property
@@ -44,23 +57,46 @@ class _Sequence:
 class Engine:
     """Owns the model, the KV cache and the scheduling thread."""
 
-    def __init__(self, model: MoETransformer, tokenizer: Any, max_batch: int, max_model_len: int,
-                 eos_token_id: int | None):
-        self.model = model
+    def __init__(self, load: Callable[[], MoETransformer], tokenizer: Any, max_batch: int,
+                 max_model_len: int | None = None, threads: int | None = None):
+        """Loads the model *on the engine thread*: torch work then never runs on the caller's
+        thread, whose OpenMP team would otherwise compete with the engine's on few cores."""
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_model_len = max_model_len
-        self.eos = eos_token_id
-        self.cache = KVCache(model.cfg, max_batch, max_model_len, model.embed.weight.dtype)
         self.steps: list[DecodeStep] = []
         self._pending: queue.Queue[_Sequence] = queue.Queue()
         self._live: list[_Sequence] = []
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Item], Item]]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="torch_moe-engine", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load, max_model_len, threads),
+                                        name="torch_moe-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, load: Callable[[], MoETransformer], max_model_len: int | None, threads: int | None) -> None:
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            self.threads = torch.get_num_threads()
+            self.model = load()
+            self.max_model_len = max_model_len or min(self.model.cfg.max_position_embeddings, 4096)
+            self.eos = self.model.cfg.eos_token_id
+            self.cache = KVCache(self.model.cfg, self.max_batch, self.max_model_len, self.model.embed.weight.dtype)
+        except BaseException as exc:  # reported to the constructor's caller
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop()
 
     # --- public -----------------------------------------------------------------
-    def submit(self, request: Request, emit: Emit) -> None:
+    def submit(self, request: Request, channel: Channel) -> None:
+        from tokenizers import decoders
+
         ids = list(request.prompt_token_ids or self.tokenizer.encode(request.prompt).ids)
         if not ids:
             raise CapbenchError(f"request {request.id} has an empty prompt")
@@ -71,7 +107,8 @@ class Engine:
         gen = None
         if not request.sampling.greedy:
             gen = torch.Generator().manual_seed(request.sampling.seed)
-        self._pending.put(_Sequence(request, ids, emit, generator=gen))
+        detok = decoders.DecodeStream(skip_special_tokens=not request.ignore_eos)
+        self._pending.put(_Sequence(request, ids, channel, detok, generator=gen))
 
     def close(self) -> None:
         self._stop.set()
@@ -84,30 +121,53 @@ class Engine:
                 self._admit(block=not self._live)
                 if self._live:
                     self._decode()
+                self._flush()
         for seq in self._live:
-            seq.emit(CapbenchError("engine stopped"))
+            self._emit(seq, CapbenchError("engine stopped"))
+        self._flush()
+
+    def _emit(self, seq: _Sequence, item: Item) -> None:
+        self._outbox.setdefault(seq.channel.loop, []).append((seq.channel.queue, item))
+
+    def _flush(self) -> None:
+        """One thread-safe wake-up per event loop per step, carrying every chunk of that step."""
+        for loop, batch in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the client's loop is gone: nobody is listening
+                pass
+        self._outbox = {}
 
     def _admit(self, block: bool) -> None:
-        while len(self._live) < self.max_batch:
+        """Take waiting requests (up to free slots) and prefill them in one right-padded batch."""
+        new: list[_Sequence] = []
+        while len(self._live) + len(new) < self.max_batch:
             try:
-                seq = self._pending.get(timeout=0.05) if block else self._pending.get_nowait()
+                new.append(self._pending.get(timeout=0.05) if block and not new else self._pending.get_nowait())
             except queue.Empty:
-                return
-            block = False
-            try:
-                self._prefill(seq)
-            except Exception as exc:  # one bad request fails alone
-                seq.emit(exc)
+                break
+        if not new:
+            return
+        try:
+            self._prefill(new)
+        except Exception as exc:  # a failed prefill fails its requests, not the engine
+            for seq in new:
+                self._emit(seq, exc)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        slot = len(self._live)
+    def _prefill(self, new: list[_Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), width), self.eos or 0, dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        logits = self.model(torch.tensor([seq.prompt_ids]), kv_out=kv)[0, -1]
-        self.cache.store_prefill(slot, kv)
-        self._live.append(seq)
-        self._accept(seq, self._sample(seq, logits))
-        if self._finished(seq):
-            self._retire(slot)
+        logits = self.model(ids, kv_out=kv)
+        last = torch.stack([logits[i, len(s.prompt_ids) - 1] for i, s in enumerate(new)])
+        base = len(self._live)
+        for i, s in enumerate(new):
+            self.cache.store_prefill(base + i, [(k[i:i + 1, :len(s.prompt_ids)], v[i:i + 1, :len(s.prompt_ids)])
+                                                for k, v in kv])
+        self._live.extend(new)
+        self._accept(new, self._sample(new, last))
 
     def _decode(self) -> None:
         live = self._live
@@ -116,33 +176,34 @@ class Engine:
         stats = ForwardStats()
         started = time.perf_counter_ns()
         logits = self.model.decode(tokens, positions, self.cache, stats)
-        picks = [self._sample(s, logits[i]) for i, s in enumerate(live)]
-        elapsed = time.perf_counter_ns() - started
-        self.steps.append(DecodeStep(batch_size=len(live), step_ns=elapsed,
+        picks = self._sample(live, logits)
+        self.steps.append(DecodeStep(batch_size=len(live), step_ns=time.perf_counter_ns() - started,
                                      context_tokens=int(positions.sum()) + len(live),
                                      distinct_experts=stats.distinct_experts, started_ns=started))
-        for seq, token in zip(list(live), picks):
-            self._accept(seq, token)
-        for slot in reversed(range(len(live))):
-            if self._finished(live[slot]):
-                self._retire(slot)
+        self._accept(live, picks)
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        sampling = seq.request.sampling
-        if sampling.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        picks = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            sampling = seq.request.sampling
+            if not sampling.greedy:
+                probs = torch.softmax(logits[i].float() / sampling.temperature, dim=-1)
+                picks[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        return [int(p) for p in picks]
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        seq.generated.append(token)
-        ids = seq.generated[:-1] if token == self.eos and not seq.request.ignore_eos else seq.generated
-        text = self.tokenizer.decode(ids)
-        delta = "" if text.endswith("\ufffd") else text[len(seq.text_sent):]
-        if not text.endswith("\ufffd"):
-            seq.text_sent = text
-        finish = self._finish_reason(seq)
-        seq.emit(TokenChunk(text=delta, num_tokens=1, finish_reason=finish))
+    def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Append each sequence's token, stream it, and retire finished sequences."""
+        finished = []
+        for seq, token in zip(seqs, tokens):
+            seq.generated.append(token)
+            finish = self._finish_reason(seq)
+            stop = finish == "stop"
+            delta = "" if stop else (seq.detok.step(self.tokenizer, token) or "")
+            self._emit(seq, TokenChunk(text=delta, num_tokens=1, finish_reason=finish))
+            if finish:
+                finished.append(seq)
+        for seq in finished:
+            self._retire(self._live.index(seq))
 
     def _finish_reason(self, seq: _Sequence) -> str | None:
         if seq.generated[-1] == self.eos and not seq.request.ignore_eos:
@@ -151,9 +212,6 @@ class Engine:
             return "length"
         return None
 
-    def _finished(self, seq: _Sequence) -> bool:
-        return self._finish_reason(seq) is not None
-
     def _retire(self, slot: int) -> None:
         seq = self._live[slot]
         last = len(self._live) - 1
@@ -161,7 +219,7 @@ class Engine:
             self.cache.move(last, slot, self._live[last].length)
             self._live[slot] = self._live[last]
         self._live.pop()
-        seq.emit(None)
+        self._emit(seq, None)
 
 
 class TorchMoESession:
@@ -172,9 +230,8 @@ class TorchMoESession:
         self.engine = engine_info
 
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[TokenChunk | BaseException | None] = asyncio.Queue()
-        self._engine.submit(request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        inbox: asyncio.Queue[Item] = asyncio.Queue()
+        self._engine.submit(request, Channel(asyncio.get_running_loop(), inbox))
         while True:
             item = await inbox.get()
             if item is None:

@@ -89,11 +89,10 @@ class MoEConfig:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as transformers does, then cast back."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """RMSNorm computed in float32 (as transformers does), then cast back and scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 class RotaryTable:
@@ -107,13 +106,15 @@ class RotaryTable:
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [..., T, heads, D]; positions broadcastable to x's leading [..., T]."""
-        cos = self.cos[positions].unsqueeze(-2)
-        sin = self.sin[positions].unsqueeze(-2)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``positions`` shaped to broadcast over a heads axis: [..., T, 1, D]."""
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [..., T, heads, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -121,26 +122,26 @@ class Attention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.splits = [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
+        self.qkv_proj = nn.Linear(h, sum(self.splits), bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         if cfg.qk_norm:
             self.q_norm = nn.Parameter(torch.ones(d))
             self.k_norm = nn.Parameter(torch.ones(d))
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor,
-            rope: RotaryTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, H] -> q [B, T, nh, D], k/v [B, T, nkv, D], RoPE applied."""
         b, t, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        return rope.apply(q, positions), rope.apply(k, positions), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -174,28 +175,34 @@ class SparseMoE(nn.Module):
         return logits, weights.to(x.dtype), ids
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Run each activated expert once on its tokens; returns (output, distinct experts)."""
-        k = self.cfg.top_k
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
-        token_of = order // k
-        slot_weight = weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
-        start = 0
-        active = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            active += 1
-            idx = token_of[start:start + count]
-            w = slot_weight[start:start + count]
+        """Run each activated expert once on its tokens; returns (output, distinct experts).
+
+        Token slots are grouped by expert (in Python for a decode-sized batch: one host
+        sync and no sort kernels), each expert runs one fused gate/up matmul and one
+        down matmul, and the slots are put back in order and summed over top-k.
+        """
+        n, k = ids.shape
+        if n * k <= 256:
+            groups: dict[int, list[int]] = {}
+            for slot, expert in enumerate(ids.reshape(-1).tolist()):
+                groups.setdefault(expert, []).append(slot)
+            plan = sorted(groups.items())
+            order = torch.tensor([slot for _, slots in plan for slot in slots])
+            counts = [(expert, len(slots)) for expert, slots in plan]
+        else:
+            flat = ids.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            counts = [(e, c) for e, c in enumerate(torch.bincount(flat, minlength=self.cfg.num_experts).tolist())
+                      if c]
+        xs = x.index_select(0, order // k)
+        outs, start = [], 0
+        for expert, count in counts:
+            gate, up = F.linear(xs[start:start + count], self.gate_up[expert]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down[expert]))
             start += count
-            h = x[idx]
-            gate, up = F.linear(h, self.gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[expert])
-            out.index_add_(0, idx, y * w.unsqueeze(-1))
-        return out, active
+        y = torch.cat(outs) * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        y = y.index_select(0, torch.argsort(order))
+        return y.view(n, k, -1).sum(1), len(counts)
 
 
 class Block(nn.Module):
@@ -264,11 +271,11 @@ class MoETransformer(nn.Module):
         post-RoPE keys and values ([B, T, nkv, D]) are appended to it.
         """
         _, t = input_ids.shape
-        positions = torch.arange(t)
+        cos, sin = self.rope.at(torch.arange(t))
         x = self.embed(input_ids)
         for block in self.blocks:
             a = rms_norm(x, block.input_norm, self.cfg.rms_norm_eps)
-            q, k, v = block.attn.qkv(a, positions, self.rope)
+            q, k, v = block.attn.qkv(a, cos, sin)
             if kv_out is not None:
                 kv_out.append((k, v))
             x = x + block.attn.o_proj(block.attn.attend(q, k, v, None, causal=True))
@@ -284,10 +291,10 @@ class MoETransformer(nn.Module):
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1)).view(b, 1, 1, length)
         rows = torch.arange(b)
         x = self.embed(tokens).unsqueeze(1)
-        pos = positions.unsqueeze(1)
+        cos, sin = self.rope.at(positions.unsqueeze(1))
         for layer, block in enumerate(self.blocks):
             a = rms_norm(x, block.input_norm, self.cfg.rms_norm_eps)
-            q, k, v = block.attn.qkv(a, pos, self.rope)
+            q, k, v = block.attn.qkv(a, cos, sin)
             kc, vc = cache.k[layer], cache.v[layer]
             kc[rows, positions] = k[:, 0]
             vc[rows, positions] = v[:, 0]
@@ -327,9 +334,6 @@ def _hf_names(cfg: MoEConfig, layer: int) -> dict[str, str]:
     return {
         "input_norm": p + "input_layernorm.weight",
         "post_attn_norm": p + "post_attention_layernorm.weight",
-        "attn.q_proj.weight": p + "self_attn.q_proj.weight",
-        "attn.k_proj.weight": p + "self_attn.k_proj.weight",
-        "attn.v_proj.weight": p + "self_attn.v_proj.weight",
         "attn.o_proj.weight": p + "self_attn.o_proj.weight",
         "attn.q_norm": p + "self_attn.q_norm.weight",
         "attn.k_norm": p + "self_attn.k_norm.weight",
@@ -345,19 +349,26 @@ def _expert_names(cfg: MoEConfig) -> tuple[str, str, str]:
     return "gate_proj.weight", "up_proj.weight", "down_proj.weight"
 
 
-def to_hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
-    """Our parameters under the Hub's per-expert names (what from_pretrained reads)."""
+def fused_views(model: MoETransformer) -> Iterator[tuple[torch.Tensor, str]]:
+    """(view into one of our fused tensors, Hub name of that piece): q/k/v and expert weights."""
     cfg = model.cfg
-    out = hf_named_parameters(model)
     gate_n, up_n, down_n = _expert_names(cfg)
     inter = cfg.moe_intermediate_size
     for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}.self_attn."
+        q, k, v = block.attn.qkv_proj.weight.split(block.attn.splits, dim=0)
+        yield from ((q, p + "q_proj.weight"), (k, p + "k_proj.weight"), (v, p + "v_proj.weight"))
         prefix = _hf_names(cfg, i)["experts"]
         for e in range(cfg.num_experts):
-            p = f"{prefix}{e}."
-            out[p + gate_n] = block.moe.gate_up[e, :inter]
-            out[p + up_n] = block.moe.gate_up[e, inter:]
-            out[p + down_n] = block.moe.down[e]
+            yield block.moe.gate_up[e, :inter], f"{prefix}{e}.{gate_n}"
+            yield block.moe.gate_up[e, inter:], f"{prefix}{e}.{up_n}"
+            yield block.moe.down[e], f"{prefix}{e}.{down_n}"
+
+
+def to_hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """Our parameters under the Hub's per-expert names (what from_pretrained reads)."""
+    out = hf_named_parameters(model)
+    out.update((name, view) for view, name in fused_views(model))
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
@@ -413,7 +424,7 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = MoETransformer(cfg, max_positions)
     model = model.to_empty(device="cpu")
-    expected = hf_named_parameters(model)
+    pieces = list(hf_named_parameters(model).items()) + [(name, view) for view, name in fused_views(model)]
 
     def take(name: str) -> torch.Tensor:
         try:
@@ -422,19 +433,12 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32,
             raise CapbenchError(f"{model_dir}: weight '{name}' is missing from the safetensors files") from None
 
     with torch.no_grad():
-        for name, target in expected.items():
+        for name, target in pieces:
             source = take(name)
             if tuple(source.shape) != tuple(target.shape):
                 raise CapbenchError(f"{model_dir}: weight '{name}' has shape {tuple(source.shape)}, "
                                     f"config.json implies {tuple(target.shape)}")
             target.copy_(source)
-        gate_n, up_n, down_n = _expert_names(cfg)
-        for i, block in enumerate(model.blocks):
-            prefix = _hf_names(cfg, i)["experts"]
-            for e in range(cfg.num_experts):
-                p = f"{prefix}{e}."
-                block.moe.gate_up[e].copy_(torch.cat([take(p + gate_n), take(p + up_n)], dim=0))
-                block.moe.down[e].copy_(take(p + down_n))
     model = model.to(dtype)
     model.eval()
     model.requires_grad_(False)
