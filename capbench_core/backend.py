@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from capbench_core.hardware import HardwareSpec
+    from capbench_core.results import HardwareSpec
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
         task_options: tuple[str, ...], db_url: str | None, json_path: Path | None) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
     from capbench_core.report import print_results
-    from capbench_core.runner import RunPlan, Runner, detect_hardware, options_from_pairs
+    from capbench_core.runner import Runner, RunPlan, detect_hardware, options_from_pairs
     from capbench_core.store import Store
 
     pm = _pm()

@@ -316,7 +316,7 @@ def _gpt_oss(c: Mapping[str, Any]) -> ArchShape:
     attn = _gqa(c, qkv_bias=True, o_bias=True, sinks=True)
     expert = h * 2 * inter + 2 * inter + inter * h + h  # gate_up and down, with biases
     return _base(c, "gpt_oss", attn, moe_layers=int(c["num_hidden_layers"]), num_experts=e,
-                 top_k=int(c.get("num_experts_per_tok") or c.get("experts_per_token")),
+                 top_k=int(c.get("num_experts_per_tok") or c["experts_per_token"]),
                  expert_params=expert, router_params=h * e + e)
 
 

@@ -22,8 +22,7 @@ from capbench_core.errors import CapbenchError, unknown_name
 
 if TYPE_CHECKING:
     from capbench_core.backend import Backend, ModelRef
-    from capbench_core.hardware import Device
-    from capbench_core.results import RunResult
+    from capbench_core.results import Device, RunResult
     from capbench_core.workload import Task
 
 ENTRY_POINT_GROUP = "capbench"

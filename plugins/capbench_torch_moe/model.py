@@ -449,7 +449,7 @@ def init_weights(model: MoETransformer, seed: int, std: float = 0.02) -> None:
     """Deterministic normal init (norm weights stay at one)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             else:
