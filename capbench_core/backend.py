@@ -71,12 +71,31 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Token counts of a whole request: from the engine, or counted with the model's tokenizer."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    source: Literal["engine", "tokenizer"]
+
+
+@dataclass(frozen=True)
 class TokenChunk:
-    """One streamed piece of output carrying ``num_tokens`` new tokens."""
+    """One streamed piece of output carrying ``num_tokens`` new tokens.
+
+    A stream may end with a chunk that carries ``usage`` (and no text): its
+    counts replace the per-chunk sums. In-process engines set ``emitted_ns``
+    (``time.perf_counter_ns()`` when the engine produced the chunk): with no
+    network between engine and client, that is the client's clock, free of
+    the delay the GIL adds before the event loop sees the chunk.
+    """
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    usage: Usage | None = None
+    server_request_id: str | None = None
+    emitted_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,7 @@ class DecodeStep:
     batch_size: int
     step_ns: int
     context_tokens: int
-    distinct_experts: list[int]
+    distinct_experts: list[float]
     started_ns: int = 0
 
 

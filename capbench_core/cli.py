@@ -87,21 +87,86 @@ def _resolve_model(pm: Any, name: str) -> Any:
     raise unknown_name("model", name, pm.models.names())
 
 
+def _slo(value: str | None) -> dict[str, float]:
+    from capbench_core.metrics import SLO_PRESETS
+
+    if not value:
+        return {}
+    if value in SLO_PRESETS:
+        return dict(SLO_PRESETS[value])
+    out: dict[str, float] = {}
+    for pair in _csv(value):
+        key, _, raw = pair.partition("=")
+        if key not in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            raise CapbenchError(f"--slo {value!r}: unknown budget {key!r}; use ttft_ms, tpot_ms, e2e_ms or a preset "
+                                f"({', '.join(SLO_PRESETS)})")
+        try:
+            out[key] = float(raw)
+        except ValueError:
+            raise CapbenchError(f"--slo {value!r}: {key} needs a number of milliseconds") from None
+    return out
+
+
+def _levels(concurrency: str, rate: str | None) -> list[Any]:
+    from capbench_core.runner import Level
+
+    if not rate:
+        return [Level(c) for c in _ints(concurrency, "--concurrency")]
+    try:
+        rates = [float(r) for r in _csv(rate)]
+    except ValueError:
+        raise CapbenchError(f"--rate {rate!r} must be a comma-separated list of requests/second") from None
+    if not rates or min(rates) <= 0:
+        raise CapbenchError(f"--rate {rate!r} needs rates > 0")
+    cap = max(_ints(concurrency, "--concurrency")) if concurrency != "1,8" else 1024
+    return [Level(cap, r) for r in rates]
+
+
+def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str | None) -> list[str]:
+    if backends:
+        chosen = _csv(backends)
+        for name in chosen:
+            pm.backends.get(name)
+        return chosen
+    if endpoint:
+        raise CapbenchError("--endpoint needs --backend to say what serves it (openai for any "
+                            "OpenAI-compatible server, or the engine's own backend, e.g. llamacpp_server)")
+    runnable = {n: b for n, b in pm.backends.items() if not getattr(b, "needs_endpoint", False)}
+    chosen = [n for n, b in runnable.items() if b.available().ok]
+    skipped = [f"{n} ({b.available().reason})" for n, b in runnable.items() if not b.available().ok]
+    if skipped:
+        console.print(f"[dim]not available here: {'; '.join(skipped)}[/dim]", highlight=False)
+    if not chosen:
+        raise CapbenchError("no backend can run here; `capbench plugins` says why for each")
+    return chosen
+
+
 @cli.command()
 @click.option("--backend", "backends", metavar="A,B", help="Backends to compare (default: every available one).")
 @click.option("--model", "model_name", default="tiny-moe", show_default=True,
               help="A registered model name or a Hugging Face model directory.")
 @click.option("--task", "task_name", default=None, help="Task (default: the model's own task, else 'random').")
 @click.option("--num-requests", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Measured requests per concurrency level.")
+              help="Measured requests per load level.")
 @click.option("--warmup", type=click.IntRange(min=0), default=8, show_default=True,
               help="Warm-up requests per level, run first and excluded from the metrics (but recorded).")
 @click.option("--concurrency", default="1,8", show_default=True, metavar="N,...",
-              help="Concurrent requests; a list gives one row per level.")
+              help="Concurrent requests (closed loop); a list gives one row per level.")
+@click.option("--rate", default=None, metavar="R,...",
+              help="Poisson arrival rates in requests/s (open loop, seeded) instead of fixed concurrency.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop sending new requests after this long (per level).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for arrivals.")
+@click.option("--slo", default=None, metavar="ttft_ms=N,tpot_ms=N|PRESET",
+              help="Latency budgets for goodput; presets: mlperf-mixtral-8x7b, mlperf-llama2-70b, mlperf-deepseek-r1.")
 @click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
               help="Hourly price of this machine, for $/Mtok.")
-@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
-              help="Passed to the backend (torch_moe: dtype, max_batch, max_model_len, threads).")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Attach to a running server instead of launching one (server backends).")
+@click.option("--served-model", default=None, help="Model name on the attached server.")
+@click.option("--backend-option", "backend_option_pairs", multiple=True, metavar="[BACKEND:]KEY=VALUE",
+              help="Backend options (see `capbench plugins --json`); unscoped ones go to every backend "
+                   "that takes them.")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
               help="Passed to the task (random: input_len, output_len, range_ratio, seed).")
 @click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB",
@@ -109,33 +174,30 @@ def _resolve_model(pm: Any, name: str) -> Any:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
-        concurrency: str, price_usd_per_hour: float | None, backend_options: tuple[str, ...],
-        task_options: tuple[str, ...], db_url: str | None, json_path: Path | None) -> None:
+        concurrency: str, rate: str | None, duration: float | None, seed: int, slo: str | None,
+        price_usd_per_hour: float | None, endpoint: str | None, served_model: str | None,
+        backend_option_pairs: tuple[str, ...], task_options: tuple[str, ...], db_url: str | None,
+        json_path: Path | None) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
     from capbench_core.report import print_results
-    from capbench_core.runner import Runner, RunPlan, detect_hardware, options_from_pairs
+    from capbench_core.runner import Runner, RunPlan, backend_options, detect_hardware, options_from_pairs
     from capbench_core.store import Store
 
     pm = _pm()
     console = _console()
-    levels = _ints(concurrency, "--concurrency")
+    levels = _levels(concurrency, rate)
+    budgets = _slo(slo)
     model = _resolve_model(pm, model_name)
     task = pm.tasks.get(task_name or model.default_task or "random")
-    if backends:
-        chosen = _csv(backends)
-        for name in chosen:
-            pm.backends.get(name)
-    else:
-        chosen = [n for n, b in pm.backends.items() if b.available().ok]
-        skipped = [f"{n} ({b.available().reason})" for n, b in pm.backends.items() if not b.available().ok]
-        if skipped:
-            console.print(f"[dim]not available here: {'; '.join(skipped)}[/dim]", highlight=False)
-        if not chosen:
-            raise CapbenchError("no backend can run here; `capbench plugins` says why for each")
+    chosen = _choose_backends(pm, console, backends, endpoint)
+    pairs = list(backend_option_pairs)
+    pairs += [f"endpoint={endpoint}"] if endpoint else []
+    pairs += [f"served_model={served_model}"] if served_model else []
+    routed = backend_options(pairs, {name: pm.backends.get(name) for name in chosen})
     store = Store(db_url)
     plan = RunPlan(backends=chosen, model=model, task=task, num_requests=num_requests, warmup=warmup,
-                   concurrency=levels, backend_options=options_from_pairs(list(backend_options)),
-                   task_options=options_from_pairs(list(task_options)), price_usd_per_hour=price_usd_per_hour)
+                   levels=levels, backend_options=routed, task_options=options_from_pairs(list(task_options)),
+                   price_usd_per_hour=price_usd_per_hour, duration_s=duration, seed=seed, slo=budgets)
     with console.status("probing hardware (peaks are measured once per machine)…"):
         hardware = detect_hardware(pm)
     reporter = _progress_reporter(console)

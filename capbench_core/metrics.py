@@ -74,6 +74,43 @@ def uniform_expected_experts(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** batch)
 
 
+def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial: bool,
+                      window_ns: int) -> list[DecodeStep]:
+    """Decode steps estimated from the client's view, for engines that report none.
+
+    Serial engines (one request at a time): one batch-1 step per output token, each
+    window / output tokens long — an upper bound on the step time (it includes
+    prefill), so S-MBU and S-MFU are lower bounds; A = top_k exactly.
+    Batching engines: every inter-token gap of a request is one step whose batch B
+    is the number of requests decoding at the gap's midpoint, context B x this
+    request's context, and A the uniform-routing expectation E(1 - (1 - k/E)^B);
+    a step seen by B requests is counted B times in bytes and time alike.
+    """
+    ok = [r for r in records if not r.warmup and r.error_kind is None]
+    if serial:
+        tokens = sum(r.output_tokens or 0 for r in ok)
+        if not tokens or window_ns <= 0:
+            return []
+        step_ns = window_ns // tokens
+        ctx = sum((r.prompt_tokens or 0) + (r.output_tokens or 0) // 2 for r in ok) // max(len(ok), 1)
+        a = float(spec.top_k) if spec.is_moe else 0.0
+        return [DecodeStep(1, step_ns, ctx, [a] * spec.moe_layers) for _ in range(tokens)]
+    spans, gaps = [], []
+    for r in ok:
+        offsets = [r.sent_ns + o for o, n in zip(r.chunk_offsets_ns, r.chunk_tokens) if n > 0]
+        if len(offsets) >= 2:
+            spans.append((offsets[0], offsets[-1]))
+            gaps += [(a, b, (r.prompt_tokens or 0) + i + 1) for i, (a, b) in enumerate(zip(offsets, offsets[1:]))]
+    steps = []
+    for start, end, ctx in gaps:
+        mid = (start + end) // 2
+        batch = max(1, sum(1 for a, b in spans if a <= mid <= b))
+        a = uniform_expected_experts(spec.num_experts, spec.top_k, batch) if spec.is_moe else 0.0
+        steps.append(DecodeStep(batch_size=batch, step_ns=end - start, context_tokens=batch * ctx,
+                                distinct_experts=[a] * spec.moe_layers, started_ns=start))
+    return steps
+
+
 def latency_and_throughput(records: Sequence[RequestRecord], window_ns: int | None) -> Metrics:
     """Latency percentiles, token counts and throughputs over the measured requests."""
     measured = [r for r in records if not r.warmup]
@@ -161,14 +198,27 @@ def sparse_efficiency(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], 
         m.expert_activation_source = "measured" if source == "measured" else "estimated"
         m.expert_activation_method = method
     m.peak_mem_bw_gbps, m.peak_flops_tflops = peak_bw_gbps, peak_tflops
+    if seconds <= 0:
+        m.notes["s_mbu"] = m.notes["s_mfu"] = "decode steps took no measurable time"
+        return
     if peak_bw_gbps:
-        m.s_mbu = total_bytes / seconds / (peak_bw_gbps * 1e9)
+        m.s_mbu = _physical(m, "s_mbu", total_bytes / seconds / (peak_bw_gbps * 1e9))
     else:
         m.notes["s_mbu"] = "peak memory bandwidth of this hardware is unknown"
     if peak_tflops:
-        m.s_mfu = total_flops / seconds / (peak_tflops * 1e12)
+        m.s_mfu = _physical(m, "s_mfu", total_flops / seconds / (peak_tflops * 1e12))
     else:
         m.notes["s_mfu"] = f"peak dense {dtype} FLOPs of this hardware are unknown"
+
+
+def _physical(m: Metrics, key: str, value: float) -> float | None:
+    """A utilisation above 100 % means the step times were not physical (e.g. tokens
+    reached the client in bursts): null with the reason rather than a wrong number."""
+    if value <= 1.0:
+        return value
+    m.notes[key] = (f"computed {value:.2f} (> 100 %): the step times seen were shorter than the hardware "
+                    f"allows, so this figure cannot be trusted")
+    return None
 
 
 def hourly_cost(m: Metrics, price_usd_per_hour: float | None, model_name: str, missing_reason: str) -> None:
@@ -193,3 +243,41 @@ def energy(m: Metrics, joules: float | None, source: str | None, missing_reason:
     m.energy_j, m.energy_source = joules, source
     if m.output_tokens_total:
         m.energy_j_per_output_token = joules / m.output_tokens_total
+
+
+def _within_slo(t: Timings, slo: dict[str, float]) -> bool:
+    values = {"ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "e2e_ms": t.e2e_ms}
+    for key, budget in slo.items():
+        value = values[key]
+        if value is None and key == "tpot_ms":
+            continue
+        if value is None or value > budget:
+            return False
+    return True
+
+
+# MLPerf Inference server-scenario latency budgets (ms), by preset name.
+SLO_PRESETS: dict[str, dict[str, float]] = {
+    "mlperf-mixtral-8x7b": {"ttft_ms": 2000.0, "tpot_ms": 200.0},
+    "mlperf-llama2-70b": {"ttft_ms": 2000.0, "tpot_ms": 200.0},
+    "mlperf-deepseek-r1": {"ttft_ms": 2000.0, "tpot_ms": 80.0},
+}
+
+
+def goodput(m: Metrics, records: Sequence[RequestRecord], slo: dict[str, float], window_ns: int) -> None:
+    """Requests per second that completed within every SLO (`ttft_ms`, `tpot_ms`, `e2e_ms`);
+    `slo_attainment` is their share of measured requests. A request without a TPOT (one
+    token) passes the TPOT budget."""
+    if not slo:
+        m.notes["goodput_rps"] = "no SLO given (--slo ttft_ms=...,tpot_ms=... or a preset)"
+        return
+    measured = [r for r in records if not r.warmup]
+    good = 0
+    for r in measured:
+        if r.error_kind is not None:
+            continue
+        if _within_slo(request_timings(r), slo):
+            good += 1
+    m.slo_attainment = good / len(measured) if measured else None
+    if window_ns > 0:
+        m.goodput_rps = good / (window_ns / 1e9)

@@ -25,8 +25,10 @@ from typing import Any
 
 from capbench_core.errors import CapbenchError
 
+# Bytes per weight. GGUF block types count their scales: Q8_0 = 34 bytes per 32 weights,
+# Q4_K = 144 bytes per 256 (Q4_K_M files keep some tensors in Q6_K: an approximation for them).
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32,
-               "int4": 0.5, "mxfp4": 4.25 / 8}
+               "q4_k": 144 / 256, "int4": 0.5, "mxfp4": 4.25 / 8}
 
 
 @dataclass(frozen=True)
@@ -386,5 +388,54 @@ def load_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def config_from_gguf(path: Path) -> dict[str, Any]:
+    """An HF-style config dict from GGUF metadata (qwen3moe, qwen2moe, llama incl. Mixtral)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise CapbenchError(f"{path} is not a readable GGUF file: {exc}") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if "tokenizer.ggml." not in k or k.endswith("tokens")}
+    arch = meta.get("general.architecture")
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    experts = int(key("expert_count", 0) or 0)
+    heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    cfg: dict[str, Any] = {
+        "vocab_size": len(meta.get("tokenizer.ggml.tokens", [])), "hidden_size": hidden,
+        "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)),
+        "intermediate_size": int(key("feed_forward_length", 0) or 0),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    if arch == "qwen3moe":
+        cfg.update(model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=int(key("expert_used_count")),
+                   moe_intermediate_size=int(key("expert_feed_forward_length")))
+    elif arch == "qwen2moe":
+        cfg.update(model_type="qwen2_moe", num_experts=experts, num_experts_per_tok=int(key("expert_used_count")),
+                   moe_intermediate_size=int(key("expert_feed_forward_length")),
+                   shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length", 0)))
+    elif arch == "llama" and experts:
+        cfg.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=int(key("expert_used_count")))
+    elif arch == "llama":
+        cfg.update(model_type="llama")
+    else:
+        raise CapbenchError(f"{path}: GGUF architecture {arch!r} is not supported by the analytics; "
+                            f"supported: qwen3moe, qwen2moe, llama (dense and Mixtral)")
+    return cfg
+
+
+def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
+    return spec_from_config(config_from_gguf(path), name or path.stem)
+
+
 def spec_from_path(path: Path, name: str | None = None) -> ModelSpec:
+    """Analytics from a model directory, a config.json or a .gguf file."""
+    if path.suffix == ".gguf":
+        return spec_from_gguf(path, name)
     return spec_from_config(load_config(path), name or path.name)

@@ -86,6 +86,10 @@ class WorkloadRecord(_Model):
     num_requests: int
     warmup_requests: int
     concurrency: int
+    arrival: Literal["closed", "poisson"] = "closed"
+    rate_rps: float | None = None
+    duration_s: float | None = None
+    slo: dict[str, float] = Field(default_factory=dict)
     sampling: dict[str, Any]
 
 
@@ -94,13 +98,15 @@ class RequestRecord(_Model):
 
     id: str
     warmup: bool = False
+    max_tokens: int | None = None
     sent_ns: int = Field(description="request sent, ns since the run's clock origin")
     chunk_offsets_ns: list[int] = Field(default_factory=list, description="chunk arrival - sent_ns")
     chunk_tokens: list[int] = Field(default_factory=list)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
-    token_count_source: Literal["engine", "tokenizer"] = "engine"
+    token_count_source: Literal["engine", "tokenizer", "chunks"] = "engine"
     finish_reason: str | None = None
+    server_request_id: str | None = None
     output_text: str | None = None
     correct: bool | None = None
     error_kind: str | None = None
@@ -138,6 +144,8 @@ class Metrics(_Model):
     total_tok_per_s: float | None = None
     input_tokens_total: int = 0
     output_tokens_total: int = 0
+    goodput_rps: float | None = None
+    slo_attainment: float | None = None
     accuracy: float | None = None
     accuracy_metric: str | None = None
     accuracy_n: int | None = None

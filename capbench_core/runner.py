@@ -22,7 +22,7 @@ from capbench_core import __version__, metrics
 from capbench_core.backend import Backend, ModelRef, Session
 from capbench_core.energy import RaplMeter
 from capbench_core.errors import CapbenchError
-from capbench_core.loadgen import Phase, run_phase
+from capbench_core.loadgen import Arrivals, Phase, run_phase
 from capbench_core.model_spec import ModelSpec, spec_from_path
 from capbench_core.plugins import PluginManager
 from capbench_core.results import (
@@ -37,6 +37,18 @@ from capbench_core.store import Store
 from capbench_core.workload import Task, Workload
 
 
+@dataclass(frozen=True)
+class Level:
+    """One load point: a fixed number of concurrent requests, or a Poisson arrival rate."""
+
+    concurrency: int
+    rate_rps: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"rate={self.rate_rps:g}/s" if self.rate_rps else f"c={self.concurrency}"
+
+
 @dataclass
 class RunPlan:
     backends: list[str]
@@ -44,10 +56,13 @@ class RunPlan:
     task: Task
     num_requests: int
     warmup: int
-    concurrency: list[int]
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    levels: list[Level]
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     price_usd_per_hour: float | None = None
+    duration_s: float | None = None
+    seed: int = 0
+    slo: dict[str, float] = field(default_factory=dict)
 
 
 class Reporter:
@@ -100,7 +115,7 @@ class Runner:
         return results
 
     def _base_result(self, backend: str, plan: RunPlan, spec: ModelSpec, workload: Workload,
-                     concurrency: int, dtype: str) -> RunResult:
+                     level: Level, dtype: str) -> RunResult:
         sampling = asdict(workload.requests[0].sampling) if workload.requests else {}
         return RunResult(
             run_id=str(uuid.uuid4()), started_at=datetime.now(timezone.utc), status="partial",
@@ -108,7 +123,9 @@ class Runner:
             model=_model_record(plan.model, spec, dtype), hardware=self.hardware,
             workload=WorkloadRecord(task=workload.task, params=workload.params, hash=workload.hash(),
                                     num_requests=plan.num_requests, warmup_requests=plan.warmup,
-                                    concurrency=concurrency, sampling=sampling))
+                                    concurrency=level.concurrency, rate_rps=level.rate_rps,
+                                    arrival="poisson" if level.rate_rps else "closed",
+                                    duration_s=plan.duration_s, slo=plan.slo, sampling=sampling))
 
     def _finish(self, result: RunResult, status: str, reason: str = "") -> RunResult:
         result.status = status  # type: ignore[assignment]
@@ -121,42 +138,47 @@ class Runner:
 
     def _run_backend(self, backend: Backend, plan: RunPlan, spec: ModelSpec,
                      workload: Workload) -> list[RunResult]:
-        dtype = str(plan.backend_options.get("dtype", "float32"))
+        options = plan.backend_options.get(backend.name, {})
         availability = backend.available()
         if not availability.ok:
-            failed = self._base_result(backend.name, plan, spec, workload, plan.concurrency[0], dtype)
+            failed = self._base_result(backend.name, plan, spec, workload, plan.levels[0], "unknown")
             return [self._finish(failed, "failed", availability.reason)]
         done: list[RunResult] = []
         try:
-            with backend.start(plan.model, self.hardware, plan.backend_options) as session:
-                for level in plan.concurrency:
+            with backend.start(plan.model, self.hardware, options) as session:
+                dtype = str(session.engine.launch_args.get("weight_dtype", "float32"))
+                for level in plan.levels:
                     result = self._base_result(backend.name, plan, spec, workload, level, dtype)
                     result.engine = EngineRecord(**asdict(session.engine))
                     done.append(self._measure(session, result, plan, spec, workload, level, dtype))
         except (CapbenchError, OSError, RuntimeError, ValueError) as exc:
-            pending = self._base_result(backend.name, plan, spec, workload, plan.concurrency[len(done)]
-                                        if len(done) < len(plan.concurrency) else plan.concurrency[-1], dtype)
+            level = plan.levels[min(len(done), len(plan.levels) - 1)]
+            pending = self._base_result(backend.name, plan, spec, workload, level, "unknown")
             done.append(self._finish(pending, "failed", f"{backend.name} failed: {exc}"))
         return done
 
     def _measure(self, session: Session, result: RunResult, plan: RunPlan, spec: ModelSpec,
-                 workload: Workload, level: int, dtype: str) -> RunResult:
+                 workload: Workload, level: Level, dtype: str) -> RunResult:
         self.pm.notify_started({"run_id": result.run_id, "backend": result.backend, "model": plan.model.name,
-                                "task": workload.task, "concurrency": level})
+                                "task": workload.task, "concurrency": level.concurrency,
+                                "rate_rps": level.rate_rps})
         warm, measured = workload.requests[:plan.warmup], workload.requests[plan.warmup:]
         warm_phase, main_phase = Phase(), Phase()
         meter = RaplMeter()
         origin = time.perf_counter_ns()
-        label = f"{result.backend} c={level}"
+        label = f"{result.backend} {level.label}"
+        arrivals = Arrivals(level.concurrency, level.rate_rps, plan.duration_s, plan.seed)
 
         async def drive() -> None:
             if warm:
                 tick = self.reporter.phase(f"{label} warm-up", len(warm))
-                await run_phase(session, warm, level, origin, warm_phase, True, workload.score, lambda _: tick())
+                await run_phase(session, warm, Arrivals(level.concurrency), origin, warm_phase, True, workload.score,
+                                lambda _: tick())
                 self.reporter.end_phase()
             tick = self.reporter.phase(label, len(measured))
             meter.start()
-            await run_phase(session, measured, level, origin, main_phase, False, workload.score, lambda _: tick())
+            await run_phase(session, measured, arrivals, origin, main_phase, False, workload.score,
+                            lambda _: tick())
             self.reporter.end_phase()
 
         try:
@@ -180,29 +202,60 @@ class Runner:
         m: Metrics = metrics.latency_and_throughput(records, main.window_ns)
         metrics.accuracy(m, records, workload.scoring.metric if workload.scoring else None)
         activation = session.expert_activation(main.start_ns)
-        steps = [s for s in activation.steps if s.started_ns <= main.end_ns] if activation else []
+        if activation is not None:
+            steps = [s for s in activation.steps if s.started_ns <= main.end_ns]
+            source, method = activation.source, activation.method
+        else:
+            serial = bool(getattr(session, "serial_decode", False))
+            steps = metrics.client_side_steps(main.records, spec, serial, main.window_ns)
+            source, method = "estimated", (
+                "batch of 1 (the engine serves one request at a time): top_k experts per layer; "
+                "step time = window / output tokens (includes prefill: S-MBU is a lower bound)" if serial else
+                "uniform routing E(1-(1-k/E)^B), B = requests decoding at once (client view); "
+                "steps = client inter-token gaps")
         bw = self.hardware.peak_mem_bw_gbps.value
         flops_peak = self.hardware.peak_flops_tflops.get(dtype)
-        if activation is None:
-            m.notes["s_mbu"] = m.notes["s_mfu"] = f"{result.backend} reports no decode steps"
-        else:
-            metrics.sparse_efficiency(m, spec, steps, activation.source, activation.method, dtype, bw,
-                                      flops_peak.value if flops_peak else None)
+        metrics.sparse_efficiency(m, spec, steps, source, method, dtype, bw,
+                                  flops_peak.value if flops_peak else None)
         missing_price = ("no price for this hardware: pass --price-usd-per-hour "
                          f"(no price-table entry matches {self.hardware.label()!r})")
         metrics.hourly_cost(m, plan.price_usd_per_hour,
                             "hourly price (--price-usd-per-hour)", missing_price)
         metrics.energy(m, joules, "RAPL package counters" if joules is not None else None, meter.reason)
+        metrics.goodput(m, main.records, plan.slo, main.window_ns)
         result.requests = records
         result.metrics = m
 
 
-def options_from_pairs(pairs: Mapping[str, str] | list[str]) -> dict[str, str]:
+def options_from_pairs(pairs: list[str]) -> dict[str, str]:
     """`k=v` strings -> dict, with an error naming a malformed pair."""
     out: dict[str, str] = {}
-    items = pairs.items() if isinstance(pairs, Mapping) else [p.partition("=")[::2] for p in pairs]
-    for key, value in items:
-        if not key or value == "":
-            raise CapbenchError(f"option {key or '?'}={value!r} is malformed: write KEY=VALUE")
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not key.strip() or not value.strip():
+            raise CapbenchError(f"option {pair!r} is malformed: write KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
+
+
+def backend_options(pairs: list[str], backends: Mapping[str, Backend]) -> dict[str, dict[str, str]]:
+    """Route `KEY=VALUE` to every chosen backend that declares KEY, `BACKEND:KEY=VALUE` to one.
+
+    An option no chosen backend knows is an error that lists what each accepts.
+    """
+    routed: dict[str, dict[str, str]] = {name: {} for name in backends}
+    known = {name: dict(getattr(b, "options", {})) for name, b in backends.items()}
+    for pair in pairs:
+        scope, sep, rest = pair.partition(":")
+        target = scope if sep and "=" not in scope else None
+        [(key, value)] = options_from_pairs([rest if target else pair]).items()
+        if target is not None and target not in backends:
+            raise CapbenchError(f"option {pair!r} names backend '{target}', which is not in this run "
+                                f"({', '.join(backends)})")
+        names = [target] if target else [n for n in backends if key in known[n]]
+        if not names or (target and key not in known[target]):
+            listing = "; ".join(f"{n}: {', '.join(k) or '(none)'}" for n, k in known.items())
+            raise CapbenchError(f"no backend in this run takes option '{key}'. Options by backend — {listing}")
+        for name in names:
+            routed[name][key] = value
+    return routed

@@ -96,11 +96,19 @@ def test_s_mbu_and_s_mfu_are_sums_over_time() -> None:
     spec = spec_from_path(CONFIGS / "mixtral-8x7b.json")
     steps = [DecodeStep(1, 10 * MS, 100, [2] * 32), DecodeStep(8, 30 * MS, 800, [7] * 32)]
     m = Metrics()
-    metrics.sparse_efficiency(m, spec, steps, "measured", "test", "bfloat16", 2000.0, 1000.0)
+    metrics.sparse_efficiency(m, spec, steps, "measured", "test", "bfloat16", 8000.0, 1000.0)
     costs = [metrics.decode_step_cost(spec, s, "bfloat16", "bfloat16") for s in steps]
-    assert m.s_mbu == pytest.approx(sum(c.bytes for c in costs) / 0.040 / 2000e9)
+    assert m.s_mbu == pytest.approx(sum(c.bytes for c in costs) / 0.040 / 8000e9)
     assert m.s_mfu == pytest.approx(sum(c.flops for c in costs) / 0.040 / 1000e12)
     assert m.experts_activated_per_layer_mean == 4.5 and m.expert_activation_source == "measured"
+
+
+def test_impossible_utilisation_is_null_with_reason() -> None:
+    spec = spec_from_path(CONFIGS / "mixtral-8x7b.json")
+    m = Metrics()
+    metrics.sparse_efficiency(m, spec, [DecodeStep(1, MS, 1, [2] * 32)], "estimated", "t", "bfloat16", 100.0, 1e6)
+    assert m.s_mbu is None and "> 100 %" in m.notes["s_mbu"]
+    assert m.s_mfu is not None
 
 
 def test_s_mbu_is_null_with_reason_without_peaks() -> None:

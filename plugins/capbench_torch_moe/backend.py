@@ -32,6 +32,9 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
 class TorchMoEBackend:
     name = "torch_moe"
     description = "raw PyTorch MoE execution (continuous batching, router instrumentation)"
+    options = {"dtype": "float32 | bfloat16 (default float32)", "max_batch": "sequences decoded together (64)",
+               "max_model_len": "KV cache length per sequence (default: the model's, at most 4096)",
+               "threads": "torch threads (default: all cores)"}
 
     def available(self) -> Availability:
         if importlib.util.find_spec("torch") is None:
@@ -54,7 +57,8 @@ class TorchMoEBackend:
         engine = Engine(lambda: load_hf(model.path, dtype=dtype), Tokenizer.from_file(str(tok_file)),
                         opts["max_batch"], opts["max_model_len"], opts["threads"])
         info = EngineInfo("torch_moe", f"torch {torch.__version__}",
-                          {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads})
+                          {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads,
+                           "weight_dtype": opts["dtype"]})
         try:
             yield TorchMoESession(engine, info)
         finally:

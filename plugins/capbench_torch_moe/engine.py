@@ -194,12 +194,13 @@ class Engine:
     def _accept(self, seqs: list[_Sequence], tokens: list[int]) -> None:
         """Append each sequence's token, stream it, and retire finished sequences."""
         finished = []
+        now = time.perf_counter_ns()
         for seq, token in zip(seqs, tokens):
             seq.generated.append(token)
             finish = self._finish_reason(seq)
             stop = finish == "stop"
             delta = "" if stop else (seq.detok.step(self.tokenizer, token) or "")
-            self._emit(seq, TokenChunk(text=delta, num_tokens=1, finish_reason=finish))
+            self._emit(seq, TokenChunk(text=delta, num_tokens=1, finish_reason=finish, emitted_ns=now))
             if finish:
                 finished.append(seq)
         for seq in finished:

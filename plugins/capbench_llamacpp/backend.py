@@ -1,0 +1,243 @@
+"""llama.cpp through llama-cpp-python: in-process (`llamacpp`) and server (`llamacpp_server`).
+
+Both serve the model's GGUF file (built from the checkpoint on first use, see
+gguf_export.py) with the same sampling as every other backend: greedy for
+temperature 0, repeat penalty 1.0 unless set (llama.cpp's server defaults to
+1.1, so it is always sent), EOS banned through a logit bias for ignore_eos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from capbench_core.backend import (
+    Availability,
+    EngineInfo,
+    ExpertActivation,
+    ModelRef,
+    Request,
+    Session,
+    TokenChunk,
+)
+from capbench_core.errors import CapbenchError
+from capbench_core.results import HardwareSpec
+from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf
+
+OPTIONS = {
+    "gguf_type": "f32 | q8_0 | q4_k_m (default f32)",
+    "gguf": "path of a GGUF file to serve instead of exporting the model",
+    "threads": "llama.cpp threads (default: all cores)",
+    "n_ctx": "context size (default 512)",
+    "n_batch": "prompt batch size (default 512)",
+    "kv_type": "f32 | f16 KV cache (default f32, so logits match the F32 reference)",
+}
+GGML_TYPES = {"f32": 0, "f16": 1}
+WEIGHT_DTYPE = {"f32": "float32", "q8_0": "q8_0", "q4_k_m": "q4_k"}
+BAN = -1e9
+
+
+def _options(options: Mapping[str, Any], extra: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    unknown = set(options) - set(OPTIONS) - extra
+    if unknown:
+        raise CapbenchError(f"llama.cpp backends do not know option(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(OPTIONS)}")
+    opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": 512, "n_batch": 512, "kv_type": "f32",
+            **{k: v for k, v in options.items() if v is not None}}
+    if opts["gguf_type"] not in GGUF_TYPES:
+        raise CapbenchError(f"unsupported GGUF type {opts['gguf_type']!r}; supported: {', '.join(GGUF_TYPES)}")
+    if opts["kv_type"] not in GGML_TYPES:
+        raise CapbenchError(f"kv_type={opts['kv_type']!r}: use f32 or f16")
+    for key in ("threads", "n_ctx", "n_batch"):
+        if opts[key] is not None:
+            opts[key] = int(opts[key])
+    return opts
+
+
+def gguf_cache() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("capbench")) / "gguf"
+
+
+def resolve_gguf(model: ModelRef, opts: Mapping[str, Any]) -> Path:
+    if opts["gguf"]:
+        path = Path(opts["gguf"])
+        if not path.is_file():
+            raise CapbenchError(f"GGUF file {path} does not exist (option gguf=...)")
+        return path
+    return ensure_gguf(model.path, opts["gguf_type"], gguf_cache())
+
+
+def _available() -> Availability:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return Availability.no("llama-cpp-python is not installed (pip install 'capbench[llamacpp]')")
+    return Availability.yes()
+
+
+class LlamaCppSession:
+    """In-process llama.cpp: one request at a time on a worker thread, streamed to asyncio."""
+
+    serial_decode = True  # one sequence at a time: the runner derives batch-1 decode steps
+
+    def __init__(self, llm: Any, engine: EngineInfo):
+        self.llm = llm
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._eos = int(llm.token_eos())
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    def _generate(self, req: Request, put: Any) -> None:
+        s = req.sampling
+        with self._lock:
+            try:
+                for chunk in self.llm.create_completion(
+                        req.prompt, max_tokens=req.max_tokens, stream=True, temperature=s.temperature,
+                        top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed,
+                        logit_bias={self._eos: BAN} if req.ignore_eos else None):
+                    choice = chunk["choices"][0]
+                    text, finish = choice["text"], choice.get("finish_reason")
+                    put(TokenChunk(text=text, num_tokens=1 if text or not finish else 0, finish_reason=finish,
+                                   emitted_ns=time.perf_counter_ns()))
+                put(None)
+            except Exception as exc:  # delivered to the request, not raised on the worker thread
+                put(exc)
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[TokenChunk | BaseException | None] = asyncio.Queue()
+        worker = threading.Thread(target=self._generate,
+                                  args=(request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)),
+                                  daemon=True)
+        worker.start()
+        while True:
+            item = await inbox.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
+        return None
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+    description = "llama.cpp in-process (llama-cpp-python), one request at a time"
+    options = OPTIONS
+
+    def available(self) -> Availability:
+        return _available()
+
+    @contextmanager
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+        import llama_cpp
+
+        opts = _options(options)
+        gguf = resolve_gguf(model, opts)
+        kv = GGML_TYPES[opts["kv_type"]]
+        try:
+            llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=opts["n_ctx"], n_batch=opts["n_batch"],
+                                  n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
+        except ValueError as exc:
+            raise CapbenchError(f"llama.cpp could not load {gguf}: {exc}") from None
+        info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
+                          {**opts, "gguf": str(gguf), "threads": llm.context_params.n_threads,
+                           "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]})
+        try:
+            yield LlamaCppSession(llm, info)
+        finally:
+            llm.close()
+
+
+class LlamaCppServerBackend:
+    name = "llamacpp_server"
+    description = "llama.cpp's OpenAI server (python -m llama_cpp.server), launched or attached"
+    options = {**OPTIONS, "endpoint": "attach to this running server instead of launching one",
+               "served_model": "model name on an attached server"}
+
+    def available(self) -> Availability:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return _available()
+        for mod in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings"):
+            if importlib.util.find_spec(mod) is None:
+                return Availability.no(f"llama-cpp-python's server extra is missing ({mod}): "
+                                       f"pip install 'llama-cpp-python[server]'")
+        return Availability.yes()
+
+    def argv(self, gguf: Path, port: int, opts: Mapping[str, Any], alias: str) -> list[str]:
+        kv = str(GGML_TYPES[opts["kv_type"]])
+        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(opts["n_ctx"]),
+                "--n_batch", str(opts["n_batch"]), "--type_k", kv, "--type_v", kv,
+                "--interrupt_requests", "False", "--verbose", "False"]
+        if opts["threads"]:
+            argv += ["--n_threads", str(opts["threads"])]
+        return argv
+
+    @contextmanager
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+        from capbench_core.launcher import free_port, launch, run_log_dir
+        from capbench_core.openai_client import check_endpoint
+
+        opts = _options(options, {"endpoint", "served_model"})
+        counter = _tokenizer_counter(model)
+        if opts.get("endpoint"):
+            served = check_endpoint(opts["endpoint"])
+            name = opts.get("served_model") or (served[0] if served else model.name)
+            info = EngineInfo("llama.cpp server", "attached", {"endpoint": opts["endpoint"], "served_model": name})
+            yield _server_session(opts["endpoint"], name, info, counter)
+            return
+        gguf = resolve_gguf(model, opts)
+        port = free_port()
+        argv = self.argv(gguf, port, opts, model.name)
+        with launch(argv, f"http://127.0.0.1:{port}", run_log_dir() / f"llamacpp_server-{port}.log",
+                    ("/v1/models",), timeout_s=120) as server:
+            import llama_cpp
+
+            info = EngineInfo("llama.cpp server", f"llama-cpp-python {llama_cpp.__version__}",
+                              {"argv": argv, "log": str(server.log_path),
+                               "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]})
+            yield _server_session(server.base_url, model.name, info, counter)
+
+
+def _server_session(url: str, name: str, info: EngineInfo, counter: Any) -> Session:
+    from capbench_core.openai_client import OpenAISession
+
+    def adapt(req: Request, body: dict[str, Any]) -> None:
+        body["repeat_penalty"] = req.sampling.repetition_penalty
+        if req.ignore_eos and counter is not None:
+            body["logit_bias"] = {str(counter.eos): BAN}
+
+    session = OpenAISession(url, name, info, counter, body_hook=adapt)
+    session.serial_decode = True  # llama_cpp.server serves one request at a time
+    return session
+
+
+class _Counter:
+    """Counts tokens with the model's own tokenizer.json (the server sends no usage block)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+        eos = self.tok.token_to_id("<|endoftext|>")
+        self.eos = eos if eos is not None else 0
+
+    def __call__(self, text: str) -> int:
+        return len(self.tok.encode(text).ids)
+
+
+def _tokenizer_counter(model: ModelRef) -> _Counter | None:
+    path = model.path / "tokenizer.json"
+    return _Counter(path) if path.is_file() else None

@@ -1,0 +1,65 @@
+"""Built-in `openai` backend: measure any running OpenAI-compatible endpoint.
+
+    capbench run --backend openai --endpoint http://127.0.0.1:8000 --served-model NAME --model DIR
+
+``--model`` names the checkpoint the server serves (for analytics and, when it
+has tokenizer.json, token counting where the server sends no usage block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from capbench_core import hookimpl
+from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
+from capbench_core.errors import CapbenchError
+from capbench_core.plugins import BackendRegistry
+from capbench_core.results import HardwareSpec
+
+
+def tokenizer_counter(model_dir: Path) -> Any:
+    """Token counter from the model's tokenizer.json, or None when it has none."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return lambda text: len(tok.encode(text).ids)
+
+
+class OpenAIBackend:
+    name = "openai"
+    description = "any running OpenAI-compatible server (attach with --endpoint)"
+    needs_endpoint = True
+    options = {"endpoint": "base URL of the server (required)", "served_model": "model name the server expects",
+               "api_key": "bearer token, if the server needs one"}
+
+    def available(self) -> Availability:
+        return Availability.yes()
+
+    @contextmanager
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+        from capbench_core.openai_client import OpenAISession, check_endpoint
+
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise CapbenchError(f"openai does not know option(s) {', '.join(sorted(unknown))}; "
+                                f"known: {', '.join(self.options)}")
+        endpoint = options.get("endpoint")
+        if not endpoint:
+            raise CapbenchError("the openai backend needs --endpoint URL (a running OpenAI-compatible server)")
+        served = check_endpoint(str(endpoint))
+        name = str(options.get("served_model") or (served[0] if served else model.name))
+        if served and name not in served:
+            raise CapbenchError(f"{endpoint} does not serve '{name}'; it serves: {', '.join(served)}")
+        info = EngineInfo("openai-compatible", "attached", {"endpoint": endpoint, "served_model": name})
+        yield OpenAISession(str(endpoint), name, info, tokenizer_counter(model.path), options.get("api_key"))
+
+
+@hookimpl
+def register_backends(register: BackendRegistry) -> None:
+    register.add_backend(OpenAIBackend())

@@ -1,0 +1,163 @@
+"""The shared serving layer: launcher, OpenAI streaming client, timing truth, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from capbench_core.backend import EngineInfo, Request
+from capbench_core.errors import CapbenchError
+from capbench_core.launcher import free_port, launch
+from capbench_core.loadgen import Arrivals, Phase, run_phase
+from capbench_core.metrics import latency_and_throughput, request_timings
+from capbench_core.openai_client import OpenAISession, check_endpoint
+from capbench_core.testing import Timing, reference_server
+from tests.conftest import run_cli
+
+
+def measure(url: str, n: int, concurrency: int, max_tokens: int = 20,
+            rate: float | None = None) -> Phase:
+    session = OpenAISession(url, "reference", EngineInfo("ref", "0", {}), count_tokens=lambda t: len(t.split()))
+    reqs = [Request(id=str(i), prompt="a b c", max_tokens=max_tokens) for i in range(n)]
+    phase = Phase()
+    asyncio.run(run_phase(session, reqs, Arrivals(concurrency, rate, seed=1), time.perf_counter_ns(), phase, False,
+                          lambda rid, text: None))
+    return phase
+
+
+@pytest.mark.parametrize("concurrency,ttft_budget_ms", [(1, 2.0), (16, 8.0)])
+def test_client_timing_matches_a_server_with_known_delays(concurrency: int, ttft_budget_ms: float) -> None:
+    """Bounds leave room for a loaded 2-core CI machine; benchmarks/bench_client_timing.py
+    reports the real figures. At 16 streams all first tokens are due at once, so the
+    median includes queueing inside this one machine."""
+    with reference_server(Timing(ttft_ms=40, tpot_ms=8)) as url:
+        phase = measure(url, 48, concurrency)
+    timings = [request_timings(r) for r in phase.records]
+    assert all(r.error_kind is None for r in phase.records)
+    ttft_err = statistics.median(t.ttft_ms - 40 for t in timings)
+    tpot_err = statistics.median((t.tpot_ms - 8) / 8 for t in timings)
+    assert 0 <= ttft_err < ttft_budget_ms, ttft_err
+    assert abs(tpot_err) < 0.03, tpot_err
+    itl = statistics.median(g for t in timings for g in t.itl_ms)
+    assert abs(itl - 8) < 0.5
+    assert all(r.token_count_source == "engine" and r.output_tokens == 20 for r in phase.records)
+
+
+def test_multi_token_chunks_and_missing_usage() -> None:
+    with reference_server(Timing(ttft_ms=20, tpot_ms=5, tokens_per_chunk=4, usage=False)) as url:
+        phase = measure(url, 6, 2, max_tokens=12)
+    rec = phase.records[0]
+    assert rec.token_count_source == "tokenizer" and rec.output_tokens == 12
+    m = latency_and_throughput(phase.records, phase.window_ns)
+    assert m.multi_token_chunks == 0  # the client cannot see tokens per chunk without usage deltas
+    t = request_timings(rec)
+    assert t.tpot_ms == pytest.approx(((20 + 11 * 5) - (20 + 3 * 5)) / 11, rel=0.1)
+    assert len(t.itl_ms) == 2 and all(abs(g - 20) < 2 for g in t.itl_ms)
+
+
+def test_poisson_arrivals_are_seeded_and_open_loop() -> None:
+    with reference_server(Timing(ttft_ms=5, tpot_ms=1)) as url:
+        a = measure(url, 30, 64, max_tokens=4, rate=50.0)
+        b = measure(url, 30, 64, max_tokens=4, rate=50.0)
+    gaps_a = sorted(r.sent_ns for r in a.records)
+    gaps_b = sorted(r.sent_ns for r in b.records)
+    span_a = (gaps_a[-1] - gaps_a[0]) / 1e9
+    assert 0.2 < span_a < 1.5  # 29 gaps of mean 20 ms
+    rel = [(x - gaps_a[0]) - (y - gaps_b[0]) for x, y in zip(gaps_a, gaps_b)]
+    assert max(abs(d) for d in rel) < 20e6  # same seed -> same schedule (within scheduling noise)
+
+
+@pytest.mark.parametrize("fault,kind", [("no_done", "IncompleteStream"), ("malformed", "MalformedChunk")])
+def test_stream_faults_are_recorded_by_kind(fault: str, kind: str) -> None:
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1, fault=fault)) as url:
+        phase = measure(url, 4, 2, max_tokens=3)
+    assert [r.error_kind for r in phase.records] == [kind] * 4
+
+
+def test_http_errors_are_counted_and_the_run_goes_on() -> None:
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1, failure_rate=0.5, seed=3)) as url:
+        phase = measure(url, 40, 4, max_tokens=3)
+    m = latency_and_throughput(phase.records, phase.window_ns)
+    assert 5 < m.num_failed < 35 and m.error_kinds == {"HTTPError": m.num_failed}
+    assert m.num_completed == 40 - m.num_failed
+
+
+def test_check_endpoint_is_one_clear_error() -> None:
+    with pytest.raises(CapbenchError, match="cannot reach http://127.0.0.1:9/v1/models.*Is the server running"):
+        check_endpoint("http://127.0.0.1:9")
+
+
+def test_launcher_quotes_the_log_when_the_engine_dies(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "import sys; print('loading weights'); print('CUDA out of memory'); sys.exit(7)"]
+    with pytest.raises(CapbenchError) as err:
+        with launch(argv, "http://127.0.0.1:9", tmp_path / "engine.log", timeout_s=20):
+            pass
+    text = str(err.value)
+    assert "exited with code 7 during start-up" in text and "CUDA out of memory" in text and "-c" in text
+
+
+def test_launcher_times_out_and_kills_the_whole_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(600)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    with pytest.raises(CapbenchError, match="did not become ready within 3 s"):
+        with launch([sys.executable, "-c", script], "http://127.0.0.1:9", tmp_path / "e.log", timeout_s=3):
+            pass
+    child = int(pidfile.read_text())
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+
+
+def test_free_port_avoids_a_taken_port() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert all(free_port() != taken for _ in range(20))
+
+
+def test_openai_backend_measures_a_server_started_by_hand(db_url: str) -> None:
+    with reference_server(Timing(ttft_ms=30, tpot_ms=5, model="hand-started")) as url:
+        proc = run_cli("run", "--backend", "openai", "--endpoint", url, "--task", "random", "--num-requests", "12",
+                       "--warmup", "2", "--concurrency", "4", "--task-option", "output_len=10", "--db", db_url,
+                       "--slo", "ttft_ms=100,tpot_ms=10", check=True)
+    assert "openai" in proc.stdout
+    [row] = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    assert row["status"] == "complete" and row["output_tokens_total"] == 120
+    assert 30 <= row["ttft_ms_p50"] < 40 and 4.9 < row["tpot_ms_p50"] < 5.5
+    assert row["expert_activation_source"] == "estimated" and row["slo_attainment"] == 1.0
+    assert row["goodput_rps"] > 0
+
+
+def test_endpoint_down_is_one_line_before_the_run(db_url: str) -> None:
+    proc = run_cli("run", "--backend", "openai", "--endpoint", f"http://127.0.0.1:{free_port()}", "--db", db_url)
+    assert proc.returncode == 3
+    assert "cannot reach" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_server_dying_mid_run_fails_the_rest_and_marks_partial(db_url: str) -> None:
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1, fault="exit_after:5")) as url:
+        run_cli("run", "--backend", "openai", "--endpoint", url, "--task", "random", "--num-requests", "12",
+                "--warmup", "0", "--concurrency", "1", "--task-option", "output_len=4", "--db", db_url)
+    [row] = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    assert row["status"] == "partial"
+    assert row["num_completed"] == 5 and row["num_failed"] == 7
+
+
+def test_endpoint_without_backend_is_refused(db_url: str) -> None:
+    proc = run_cli("run", "--endpoint", "http://127.0.0.1:1", "--db", db_url)
+    assert proc.returncode == 1 and "--endpoint needs --backend" in proc.stderr
+
+
+def test_backend_options_are_routed_and_checked(db_url: str) -> None:
+    proc = run_cli("run", "--backend", "torch_moe", "--backend-option", "n_ctx=64", "--db", db_url)
+    assert proc.returncode == 1 and "no backend in this run takes option 'n_ctx'" in proc.stderr
+    proc = run_cli("run", "--backend", "torch_moe", "--backend-option", "vllm:dtype=x", "--db", db_url)
+    assert "names backend 'vllm', which is not in this run" in proc.stderr
