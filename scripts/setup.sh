@@ -14,6 +14,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "capbench setup: installing torch==2.13.0 (CPU)"
   pip install "torch==2.13.0"
 fi
-echo "capbench setup: installing capbench and its test extras"
-pip install -e ".[torch,test]"
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "capbench setup: installing llama-cpp-python — on a machine without its wheel in pip's cache"
+  echo "                this compiles llama.cpp from source (about 15-20 min on 2 cores; cached afterwards)"
+fi
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+echo "capbench setup: installing capbench and its extras (torch, llamacpp, test)"
+pip install -e ".[torch,llamacpp,test]"
 echo "capbench setup: done (.venv/bin/capbench)"
