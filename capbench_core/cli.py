@@ -255,14 +255,19 @@ def _progress_reporter(console: Any) -> Any:
 @click.option("--task", default=None, help="Only runs of this task.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest N runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of tables.")
+@click.option("--convention", type=click.Choice(["capbench", "vllm", "sglang", "guidellm", "llmperf"]),
+              default=None, help="Recompute TTFT/TPOT/ITL from the raw timestamps under a peer's definitions.")
 def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, limit: int,
-            as_json: bool) -> None:
+            as_json: bool, convention: str | None) -> None:
     """Show stored runs as CAP tables, one table per (hardware, model, task)."""
-    from capbench_core.report import print_results, results_json
+    from capbench_core.report import print_convention, print_results, results_json
     from capbench_core.store import Store
 
     store = Store(db_url)
     results = store.runs(model=model, backend=backend, task=task, limit=limit)
+    if convention:
+        print_convention(_console(), list(reversed(results)), convention, as_json)
+        return
     if as_json:
         click.echo(json.dumps(results_json(results), indent=2))
         return

@@ -135,3 +135,24 @@ def print_model(console: Console, spec: ModelSpec, context_len: int, dtype: str)
                   f"KV bytes/token ({dtype}): {s['kv_bytes_per_token']:.4g}; "
                   f"weights ({dtype}): {s['weight_bytes'] / 1e9:.3f} GB; "
                   f"one expert of one layer: {s['expert_bytes_per_layer'] / 1e6:.3f} MB")
+
+
+def print_convention(console: Console, results: Sequence[RunResult], convention: str, as_json: bool) -> None:
+    """Latencies of stored runs recomputed under a peer tool's definitions."""
+    import json
+
+    from capbench_core.conventions import recompute
+
+    stats = [recompute(r, convention) for r in results]
+    if as_json:
+        console.print_json(json.dumps([{"run_id": r.run_id, "backend": r.backend, "concurrency": r.workload.concurrency,
+                                        "convention": convention, **s} for r, s in zip(results, stats)]))
+        return
+    table = Table(title=f"latencies under the {convention} convention (docs/metrics.md)", title_justify="left")
+    for col in ("backend", "conc", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r, s in zip(results, stats):
+        table.add_row(Text(r.backend), str(r.workload.concurrency),
+                      *(_fmt(s[k], ".2f") for k in ("ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
+                                                    "itl_ms_p99")))
+    console.print(table)

@@ -134,3 +134,21 @@ def test_energy_per_token() -> None:
     m2 = Metrics()
     metrics.energy(m2, None, None, "no counter")
     assert m2.energy_j is None and m2.notes["energy_j"] == "no counter"
+
+
+def test_conventions_recompute_from_raw_timestamps() -> None:
+    from capbench_core.conventions import recompute
+    from tests.test_store_schema import make_result
+
+    result = make_result()
+    r = rec([50, 60, 70, 90], tokens=[1, 1, 1, 1])
+    r.max_tokens = 10
+    result.requests = [r]
+    assert recompute(result, "vllm")["tpot_ms_p50"] == pytest.approx(40 / 3)
+    assert recompute(result, "guidellm")["tpot_ms_p50"] == pytest.approx(90 / 4)
+    assert recompute(result, "guidellm")["itl_ms_p50"] == pytest.approx(40 / 3)
+    assert recompute(result, "llmperf")["itl_ms_p50"] == pytest.approx(90 / 4)
+    assert recompute(result, "sglang")["tpot_ms_p50"] == pytest.approx(40 / 3)
+    r.token_count_source = "tokenizer"
+    assert recompute(result, "sglang")["tpot_ms_p50"] == pytest.approx(40 / 9)  # falls back to max_tokens
+    assert recompute(result, "vllm")["itl_ms_p50"] == 10
