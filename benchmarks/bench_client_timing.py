@@ -7,6 +7,8 @@ and one more every TPOT, on an absolute schedule, in its own process. For 1,
 runs GuideLLM's CLI from that virtualenv against the same server, side by side.
 
     python benchmarks/bench_client_timing.py [--ttft-ms 50 --tpot-ms 10 --tokens 64]
+    python -m venv /tmp/gl && /tmp/gl/bin/pip install guidellm==0.8.1
+    python benchmarks/bench_client_timing.py --guidellm /tmp/gl
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from capbench_torch_moe.commands import tiny_model_dir
 
 from capbench_core.backend import EngineInfo, Request
 from capbench_core.loadgen import Arrivals, Phase, run_phase
@@ -41,18 +44,18 @@ def capbench_client(url: str, streams: int, requests: int, tokens: int) -> tuple
 
 
 def guidellm_client(venv: Path, url: str, streams: int, requests: int, tokens: int) -> tuple[list[float], list[float]]:
-    """GuideLLM's own CLI, concurrent profile, synthetic data; per-request TTFT and ITL from its report.
-
-    GuideLLM calls (E2E - TTFT) / (output - 1) its inter-token latency; that is capbench's TPOT.
-    """
+    """GuideLLM's own CLI (0.8), concurrent profile, synthetic prompts; per-request TTFT and ITL from its
+    JSON report. GuideLLM's inter-token latency, (E2E - TTFT) / (output - 1), is capbench's TPOT. It talks
+    to /v1/chat/completions and loads the served model's tokenizer, which is why the reference server
+    serves the tiny MoE's directory as its model name."""
     out = Path(tempfile.mkdtemp(prefix="guidellm-")) / "report.json"
-    argv = [str(venv / "bin" / "guidellm"), "benchmark", "--target", url, "--profile", "concurrent",
-            "--rate", str(streams), "--max-requests", str(requests), "--data",
-            f"prompt_tokens=8,output_tokens={tokens}", "--processor", "gpt2", "--output-path", str(out)]
+    argv = [str(venv / "bin" / "guidellm"), "run", "--backend", f"kind=openai_http,target={url}",
+            "--profile", f"kind=concurrent,streams={streams}", "--constraint", f"kind=max_requests,count={requests}",
+            "--data", f"kind=synthetic_text,prompt_tokens=8,output_tokens={tokens}",
+            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
     subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    report = json.loads(out.read_text())
-    reqs = report["benchmarks"][0]["requests"]["successful"]
-    return ([r["time_to_first_token_ms"] for r in reqs], [r["inter_token_latency_ms"] for r in reqs])
+    reqs = json.loads(out.read_text())["benchmarks"][0]["requests"]["successful"]
+    return [r["time_to_first_token_ms"] for r in reqs], [r["inter_token_latency_ms"] for r in reqs]
 
 
 def describe(name: str, ttft: list[float], tpot: list[float], timing: Timing, cpu: float | None) -> str:
@@ -72,7 +75,7 @@ def main() -> None:
     p.add_argument("--streams", default="1,16,64")
     p.add_argument("--guidellm", type=Path, default=None, help="virtualenv with guidellm installed")
     a = p.parse_args()
-    timing = Timing(ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms)
+    timing = Timing(ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms, model=str(tiny_model_dir()))
     print(f"reference server: TTFT {timing.ttft_ms} ms, TPOT {timing.tpot_ms} ms, {a.tokens} tokens per request")
     with reference_server(timing) as url:
         for streams in (int(s) for s in a.streams.split(",")):

@@ -70,8 +70,8 @@ class _Handler:
         if path == "/v1/models":
             doc = {"object": "list", "data": [{"id": self.t.model, "object": "model", "owned_by": "capbench"}]}
             return await self._send(writer, 200, json.dumps(doc).encode(), "application/json")
-        if path == "/v1/completions" and method == "POST":
-            return await self.completions(json.loads(body or b"{}"), writer)
+        if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
+            return await self.completions(json.loads(body or b"{}"), writer, chat=path.endswith("chat/completions"))
         return await self._send(writer, 404, b'{"error": "not found"}', "application/json")
 
     @staticmethod
@@ -81,12 +81,12 @@ class _Handler:
                      f"\r\n".encode() + body)
         await writer.drain()
 
-    async def completions(self, req: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def completions(self, req: dict[str, Any], writer: asyncio.StreamWriter, chat: bool = False) -> None:
         self.requests += 1
         rid = f"cmpl-{self.requests}"
         if self.rng.random() < self.t.failure_rate:
             return await self._send(writer, 500, b'{"error": "injected failure"}', "application/json")
-        n = int(req.get("max_tokens", 16))
+        n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
         start = time.perf_counter()
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         sent = 0
@@ -101,11 +101,13 @@ class _Handler:
             await _sleep_until(due)
             sent += k
             finish = "length" if sent == n else None
-            choice = {"index": 0, "text": "".join(f"t{i} " for i in range(sent - k, sent)), "finish_reason": finish}
-            await self._event(writer, {"id": rid, "object": "text_completion", "model": self.t.model,
-                                       "choices": [choice]})
+            text = "".join(f"t{i} " for i in range(sent - k, sent))
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            choice.update({"delta": {"content": text}} if chat else {"text": text})
+            await self._event(writer, {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                       "model": self.t.model, "choices": [choice]})
         if self.t.usage and (req.get("stream_options") or {}).get("include_usage"):
-            prompt = len(str(req.get("prompt", "")).split())
+            prompt = len(str(req.get("prompt") or req.get("messages", "")).split())
             await self._event(writer, {"id": rid, "object": "text_completion", "model": self.t.model, "choices": [],
                                        "usage": {"prompt_tokens": prompt, "completion_tokens": n,
                                                  "total_tokens": prompt + n}})
