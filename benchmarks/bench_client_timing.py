@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from capbench_torch_moe.commands import tiny_model_dir
 
 from capbench_core.backend import EngineInfo, Request
 from capbench_core.loadgen import Arrivals, Phase, run_phase
 from capbench_core.metrics import request_timings
 from capbench_core.openai_client import OpenAISession
 from capbench_core.testing import Timing, reference_server
+from capbench_torch_moe.commands import tiny_model_dir
 
 
 def capbench_client(url: str, streams: int, requests: int, tokens: int) -> tuple[list[float], list[float], float]:

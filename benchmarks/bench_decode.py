@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from capbench_core.backend import Request, SamplingParams
 from capbench_torch_moe.commands import tiny_model_dir
 from capbench_torch_moe.engine import Engine, TorchMoESession
 from capbench_torch_moe.model import MoEConfig, MoETransformer, init_weights, load_hf, to_hf_state_dict
-
-from capbench_core.backend import Request, SamplingParams
 
 PROMPT = "123+456="
 

@@ -194,6 +194,7 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     pairs += [f"endpoint={endpoint}"] if endpoint else []
     pairs += [f"served_model={served_model}"] if served_model else []
     routed = backend_options(pairs, {name: pm.backends.get(name) for name in chosen})
+    _refuse_if_none_can_run(pm, chosen, routed)
     store = Store(db_url)
     plan = RunPlan(backends=chosen, model=model, task=task, num_requests=num_requests, warmup=warmup,
                    levels=levels, backend_options=routed, task_options=options_from_pairs(list(task_options)),
@@ -210,6 +211,19 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
         console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
     if any(r.status == "failed" for r in results):
         sys.exit(3)
+
+
+def _refuse_if_none_can_run(pm: Any, chosen: list[str], routed: dict[str, dict[str, str]]) -> None:
+    """When no requested backend can run here, say why in one sentence each and store nothing."""
+    reasons = []
+    for name in chosen:
+        backend = pm.backends.get(name)
+        check = getattr(backend, "available_for", None)
+        availability = check(routed.get(name, {})) if check else backend.available()
+        if availability.ok:
+            return
+        reasons.append(f"{name} cannot run here: {availability.reason}")
+    raise CapbenchError("; ".join(reasons))
 
 
 def _sigterm_as_interrupt() -> None:

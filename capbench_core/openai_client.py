@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from capbench_core.backend import EngineInfo, ExpertActivation, Request, TokenChunk, Usage
+from capbench_core.engine_metrics import EngineProbe, WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.http import ConnectionClosed, StreamingClient
 
@@ -35,6 +37,17 @@ class IncompleteStream(StreamError):
 
 class MalformedChunk(StreamError):
     pass
+
+
+def tokenizer_counter(model_dir: Path) -> Callable[[str], int] | None:
+    """Token counter from the model's tokenizer.json, or None when it has none."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return lambda text: len(tok.encode(text).ids)
 
 
 def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
@@ -68,7 +81,8 @@ class OpenAISession:
     def __init__(self, base_url: str, model: str, engine: EngineInfo,
                  count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,
                  timeout_s: float = 600.0, body_hook: Callable[[Request, dict[str, Any]], None] | None = None,
-                 activation: Callable[[int], ExpertActivation | None] | None = None):
+                 activation: Callable[[int], ExpertActivation | None] | None = None,
+                 probe: EngineProbe | None = None):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.engine = engine
@@ -77,6 +91,7 @@ class OpenAISession:
         self._timeout_s = timeout_s
         self._hook = body_hook
         self._activation = activation
+        self._probe = probe
         self._clients: dict[int, StreamingClient] = {}
 
     def _client(self) -> StreamingClient:
@@ -166,3 +181,12 @@ class OpenAISession:
 
     def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
         return self._activation(since_ns) if self._activation else None
+
+    def begin_window(self) -> None:
+        """Called by the runner just before the measured requests."""
+        if self._probe is not None:
+            self._probe.begin()
+
+    def end_window(self) -> WindowReport | None:
+        """Called just after them: the engine's own view of the window."""
+        return self._probe.end() if self._probe is not None else None

@@ -61,12 +61,22 @@ NOTE_KEYS = {"cost_usd_per_mtok": "$/Mtok", "energy_j": "J/token", "s_mbu": "S-M
              "accuracy": "accuracy"}
 
 
+SERVER_COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
+    ("server TTFT mean ms", lambda r: _fmt(r.metrics.server_ttft_ms_mean, ".2f")),
+    ("server TPOT mean ms", lambda r: _fmt(r.metrics.server_tpot_ms_mean, ".2f")),
+]
+
+
 def cap_table(results: Sequence[RunResult], title: str | None = None) -> Table:
+    """The CAP table; when an engine reported its own latencies, they stand beside the client's."""
+    columns = list(COLUMNS)
+    if any(r.metrics.server_ttft_ms_mean is not None for r in results):
+        columns[5:5] = SERVER_COLUMNS
     table = Table(title=title, title_justify="left")
-    for header, _ in COLUMNS:
+    for header, _ in columns:
         table.add_column(header, justify="left" if header in ("backend", "status") else "right")
     for r in results:
-        table.add_row(*(Text(cell(r)) for _, cell in COLUMNS))
+        table.add_row(*(Text(cell(r)) for _, cell in columns))
     return table
 
 

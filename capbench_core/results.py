@@ -137,6 +137,9 @@ class Metrics(_Model):
     e2e_ms_p50: float | None = None
     e2e_ms_p90: float | None = None
     e2e_ms_p99: float | None = None
+    server_ttft_ms_mean: float | None = None
+    server_tpot_ms_mean: float | None = None
+    server_e2e_ms_mean: float | None = None
     multi_token_chunks: int = 0
     request_throughput_rps: float | None = None
     input_tok_per_s: float | None = None
@@ -189,6 +192,8 @@ class RunResult(_Model):
     workload: WorkloadRecord
     requests: list[RequestRecord] = Field(default_factory=list)
     metrics: Metrics = Field(default_factory=Metrics)
+    engine_metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="the engine's own /metrics over the window (deltas, end gauges)")
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON (sorted keys): the identity used on import."""

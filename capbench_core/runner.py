@@ -21,6 +21,7 @@ from typing import Any
 from capbench_core import __version__, metrics
 from capbench_core.backend import Backend, ModelRef, Session
 from capbench_core.energy import RaplMeter
+from capbench_core.engine_metrics import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.loadgen import Arrivals, Phase, run_phase
 from capbench_core.model_spec import ModelSpec, spec_from_path
@@ -139,7 +140,8 @@ class Runner:
     def _run_backend(self, backend: Backend, plan: RunPlan, spec: ModelSpec,
                      workload: Workload) -> list[RunResult]:
         options = plan.backend_options.get(backend.name, {})
-        availability = backend.available()
+        check = getattr(backend, "available_for", None)
+        availability = check(options) if check else backend.available()
         if not availability.ok:
             failed = self._base_result(backend.name, plan, spec, workload, plan.levels[0], "unknown")
             return [self._finish(failed, "failed", availability.reason)]
@@ -167,6 +169,7 @@ class Runner:
         meter = RaplMeter()
         origin = time.perf_counter_ns()
         label = f"{result.backend} {level.label}"
+        reports: list[WindowReport | None] = []
         arrivals = Arrivals(level.concurrency, level.rate_rps, plan.duration_s, plan.seed)
 
         async def drive() -> None:
@@ -176,19 +179,24 @@ class Runner:
                                 lambda _: tick())
                 self.reporter.end_phase()
             tick = self.reporter.phase(label, len(measured))
+            if hasattr(session, "begin_window"):
+                await asyncio.to_thread(session.begin_window)
             meter.start()
             await run_phase(session, measured, arrivals, origin, main_phase, False, workload.score,
                             lambda _: tick())
             self.reporter.end_phase()
+            if hasattr(session, "end_window"):
+                reports.append(await asyncio.to_thread(session.end_window))
 
         try:
             asyncio.run(drive())
         except KeyboardInterrupt:
             self.reporter.end_phase()
-            self._compute(result, warm_phase, main_phase, meter, session, spec, workload, plan, dtype)
+            self._compute(result, warm_phase, main_phase, meter, session, spec, workload, plan, dtype, None)
             self._finish(result, "partial", "interrupted by the user (Ctrl-C or SIGTERM)")
             raise
-        self._compute(result, warm_phase, main_phase, meter, session, spec, workload, plan, dtype)
+        self._compute(result, warm_phase, main_phase, meter, session, spec, workload, plan, dtype,
+                      reports[0] if reports else None)
         failed = result.metrics.num_failed
         if failed and failed == result.metrics.num_requests:
             return self._finish(result, "failed", f"all {failed} requests failed")
@@ -196,7 +204,8 @@ class Runner:
         return self._finish(result, "partial" if failed else "complete", reason)
 
     def _compute(self, result: RunResult, warm: Phase, main: Phase, meter: RaplMeter, session: Session,
-                 spec: ModelSpec, workload: Workload, plan: RunPlan, dtype: str) -> None:
+                 spec: ModelSpec, workload: Workload, plan: RunPlan, dtype: str,
+                 report: WindowReport | None) -> None:
         joules = meter.stop()
         records = warm.records + main.records
         m: Metrics = metrics.latency_and_throughput(records, main.window_ns)
@@ -205,6 +214,11 @@ class Runner:
         if activation is not None:
             steps = [s for s in activation.steps if s.started_ns <= main.end_ns]
             source, method = activation.source, activation.method
+        elif report is not None and report.experts_per_layer:
+            steps = metrics.client_side_steps(main.records, spec, False, main.window_ns)
+            for step in steps:
+                step.distinct_experts = list(report.experts_per_layer)
+            source, method = "measured", report.expert_method
         else:
             serial = bool(getattr(session, "serial_decode", False))
             steps = metrics.client_side_steps(main.records, spec, serial, main.window_ns)
@@ -223,6 +237,11 @@ class Runner:
                             "hourly price (--price-usd-per-hour)", missing_price)
         metrics.energy(m, joules, "RAPL package counters" if joules is not None else None, meter.reason)
         metrics.goodput(m, main.records, plan.slo, main.window_ns)
+        if report is not None:
+            result.engine_metrics = dict(report.engine_metrics)
+            for key in ("server_ttft_ms_mean", "server_tpot_ms_mean", "server_e2e_ms_mean"):
+                setattr(m, key, report.engine_metrics.get(key))
+            m.notes.update({f"engine.{k}": v for k, v in report.notes.items()})
         result.requests = records
         result.metrics = m
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from capbench_torch_moe.commands import tiny_model_dir
-from capbench_torch_moe.model import load_hf
 
 from capbench_core.errors import CapbenchError
+from capbench_torch_moe.commands import tiny_model_dir
+from capbench_torch_moe.model import load_hf
 from tests.conftest import CAPBENCH, run_cli
 
 llama_cpp = pytest.importorskip("llama_cpp")

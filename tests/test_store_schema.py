@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from capbench_schemas import SCHEMA_DIR
 from sqlalchemy import create_engine, inspect, text
 
 from capbench_core.errors import CapbenchError
@@ -23,6 +22,7 @@ from capbench_core.results import (
     schema_texts,
 )
 from capbench_core.store import Store
+from capbench_schemas import SCHEMA_DIR
 
 
 def make_result(run_id: str = "00000000-0000-0000-0000-000000000001", **metrics: float) -> RunResult:

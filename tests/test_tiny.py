@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
 from capbench_tasks import arith
 from capbench_torch_moe import tiny as tiny_module
 from capbench_torch_moe.model import load_hf
-from tokenizers import Tokenizer
-
 from tests.conftest import run_cli
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
@@ -18,17 +17,6 @@ from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
 from capbench_core.errors import CapbenchError
 from capbench_core.plugins import BackendRegistry
 from capbench_core.results import HardwareSpec
-
-
-def tokenizer_counter(model_dir: Path) -> Any:
-    """Token counter from the model's tokenizer.json, or None when it has none."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    return lambda text: len(tok.encode(text).ids)
 
 
 class OpenAIBackend:
@@ -43,7 +31,7 @@ class OpenAIBackend:
 
     @contextmanager
     def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
-        from capbench_core.openai_client import OpenAISession, check_endpoint
+        from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
 
         unknown = set(options) - set(self.options)
         if unknown:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from capbench_tasks import arith
 from torch.nn import functional as F
 
+from capbench_tasks import arith
 from capbench_torch_moe.model import ForwardStats, MoEConfig, MoETransformer, init_weights, to_hf_state_dict
 
 # Qwen2's pre-tokenizer split (digits one by one); llama.cpp knows it as pre-tokenizer "qwen2".

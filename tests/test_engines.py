@@ -1,0 +1,144 @@
+"""vLLM and SGLang plugins without a GPU: argv, availability, and full runs against stand-ins
+that speak each engine's documented API with known delays and known expert counts."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from capbench_core.backend import ModelRef
+from capbench_core.engine_metrics import ScrapeError, parse, window
+from capbench_core.testing import Timing, reference_server
+from capbench_sglang import SGLangBackend
+from capbench_vllm import VLLMBackend
+from tests.conftest import run_cli
+
+MODEL = ModelRef("tiny-moe", Path("/models/tiny-moe"))
+
+
+def test_vllm_argv_passes_parallelism_and_quantisation_through() -> None:
+    b = VLLMBackend()
+    opts = b.parse({"tp": "2", "dp": "4", "enable_expert_parallel": "true", "quantization": "fp8",
+                    "max_model_len": "8192", "gpu_memory_utilization": "0.85",
+                    "extra_args": "--enable-eplb --eplb-config '{\"window_size\": 1000}'"})
+    argv = b.argv(MODEL, 8123, opts)
+    assert argv[1:3] == ["serve", "/models/tiny-moe"]
+    line = shlex.join(argv)
+    for part in ("--host 127.0.0.1", "--port 8123", "--served-model-name tiny-moe", "--tensor-parallel-size 2",
+                 "--data-parallel-size 4", "--quantization fp8", "--max-model-len 8192",
+                 "--gpu-memory-utilization 0.85", "--seed 0"):
+        assert part in line, part
+    assert "--enable-expert-parallel" in argv
+    assert argv[-3:] == ["--enable-eplb", "--eplb-config", '{"window_size": 1000}']
+    no_ep = b.argv(MODEL, 1, b.parse({"enable_expert_parallel": "false"}))
+    assert "--enable-expert-parallel" not in no_ep
+
+
+def test_sglang_argv_enables_metrics_and_the_expert_recorder() -> None:
+    b = SGLangBackend()
+    argv = b.argv(MODEL, 30001, b.parse({"tp": "8", "ep": "8", "dp": "2", "mem_fraction_static": "0.8",
+                                          "quantization": "fp8", "extra_args": "--disable-cuda-graph"}))
+    line = shlex.join(argv)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    for part in ("--model-path /models/tiny-moe", "--port 30001", "--enable-metrics", "--tp-size 8",
+                 "--ep-size 8", "--dp-size 2", "--mem-fraction-static 0.8", "--quantization fp8",
+                 "--expert-distribution-recorder-mode stat", "--random-seed 0"):
+        assert part in line, part
+    assert argv[-1] == "--disable-cuda-graph"
+    assert b.env({}, Path("/run"))["SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"] == "/run/experts"
+
+
+def test_unknown_engine_option_is_named() -> None:
+    with pytest.raises(Exception, match="vllm does not know option.*tensor_parallel"):
+        VLLMBackend().parse({"tensor_parallel": "2"})
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_here_each_engine_says_why_in_one_sentence(backend: str, db_url: str) -> None:
+    proc = run_cli("run", "--backend", backend, "--db", db_url)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {backend} cannot run here: ")
+    assert "not installed" in lines[0] or "CUDA GPU" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    data = json.loads(run_cli("plugins", "--json", check=True).stdout)["backends"][backend]
+    assert data["available"] is False and data["reason"]
+
+
+def _run(backend: str, url: str, db_url: str, *extra: str) -> dict:  # type: ignore[type-arg]
+    run_cli("run", "--backend", backend, "--endpoint", url, "--task", "random", "--num-requests", "12",
+            "--warmup", "2", "--concurrency", "4", "--task-option", "output_len=10", "--db", db_url, *extra,
+            check=True)
+    [row] = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    return row  # type: ignore[no-any-return]
+
+
+def test_vllm_stand_in_gives_a_full_row_with_server_latencies(db_url: str) -> None:
+    with reference_server(Timing(ttft_ms=30, tpot_ms=5, flavor="vllm", model="tiny-moe")) as url:
+        row = _run("vllm", url, db_url)
+        shown = run_cli("compare", "--db", db_url, check=True).stdout
+    assert row["status"] == "complete" and row["engine_version"] == "vllm 0.0.0-stand-in"
+    assert row["server_ttft_ms_mean"] == pytest.approx(30, abs=1e-6)
+    assert row["server_tpot_ms_mean"] == pytest.approx(5, abs=1e-6)
+    assert 30 <= row["ttft_ms_p50"] < 36  # client view = server + network/client share
+    assert row["expert_activation_source"] == "estimated"
+    assert "server TTFT mean ms" in shown
+
+
+def test_vllm_metric_deltas_cover_only_the_window(db_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1, flavor="vllm", model="tiny-moe")) as url:
+        _run("vllm", url, db_url)
+    with create_engine(db_url).connect() as conn:
+        body = json.loads(conn.execute(text("select result_json from runs")).scalar_one())
+    em = body["engine_metrics"]
+    assert em["generation_tokens"] == 120 and em["requests_finished"] == 12  # warm-up excluded
+    assert em["kv_cache_usage"] == 0.25 and em["preemptions"] == 0
+
+
+def test_sglang_stand_in_gives_measured_expert_activation(tmp_path: Path, db_url: str) -> None:
+    rec = tmp_path / "recorder"
+    with reference_server(Timing(ttft_ms=10, tpot_ms=2, flavor="sglang", model="tiny-moe",
+                                 experts_per_layer="3,5,4", recorder_dir=str(rec))) as url:
+        row = _run("sglang", url, db_url, "--backend-option", f"recorder_dir={rec}")
+    assert row["engine_version"] == "sglang 0.0.0-stand-in"
+    assert row["expert_activation_source"] == "measured"
+    assert row["experts_activated_per_layer_mean"] == pytest.approx(4.0)
+    assert "expert-distribution recorder" in row["expert_activation_method"]
+    assert row["server_tpot_ms_mean"] == pytest.approx(2, abs=1e-6)
+    assert list(rec.glob("expert_distribution_recorder_*.pt"))
+
+
+@pytest.mark.parametrize("fault,key,reason", [
+    ("bad_metrics", "engine.engine_metrics", "malformed Prometheus text"),
+    ("bad_dump", "engine.experts", "cannot read recorder dump"),
+])
+def test_bad_engine_reports_are_null_with_reason(fault: str, key: str, reason: str, tmp_path: Path,
+                                                 db_url: str) -> None:
+    rec = tmp_path / "recorder"
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1, flavor="sglang", model="tiny-moe", experts_per_layer="2,2,2",
+                                 recorder_dir=str(rec), fault=fault)) as url:
+        row = _run("sglang", url, db_url, "--backend-option", f"recorder_dir={rec}")
+    assert row["status"] == "complete"
+    assert reason in row["notes"][key]
+    assert row["output_tokens_total"] == 120
+
+
+def test_metrics_window_math() -> None:
+    before = parse("# TYPE vllm:prompt_tokens counter\nvllm:prompt_tokens_total{model_name=\"m\",engine=\"0\"} 10\n"
+                   "vllm:prompt_tokens_total{model_name=\"m\",engine=\"1\"} 5\n"
+                   "# TYPE vllm:time_to_first_token_seconds histogram\n"
+                   "vllm:time_to_first_token_seconds_sum{engine=\"0\"} 1.0\n"
+                   "vllm:time_to_first_token_seconds_count{engine=\"0\"} 10\n")
+    after = {**before, "vllm:prompt_tokens_total": 45.0, "vllm:time_to_first_token_seconds_sum": 3.0,
+             "vllm:time_to_first_token_seconds_count": 30.0}
+    values, notes = window(before, after, "vllm")
+    assert values["prompt_tokens"] == 30.0  # summed over both engines, then delta
+    assert values["server_ttft_ms_mean"] == pytest.approx(100.0)
+    assert values["server_tpot_ms_mean"] is None and "inter-token" not in notes.get("server_tpot_ms_mean", "x")
+    with pytest.raises(ScrapeError):
+        parse("not { prometheus")
