@@ -68,6 +68,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
     prompt_token_ids: tuple[int, ...] | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

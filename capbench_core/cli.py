@@ -167,6 +167,8 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
 @click.option("--backend-option", "backend_option_pairs", multiple=True, metavar="[BACKEND:]KEY=VALUE",
               help="Backend options (see `capbench plugins --json`); unscoped ones go to every backend "
                    "that takes them.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="Data file for file-based tasks (gsm8k, mmlu): JSONL, JSON or Parquet.")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
               help="Passed to the task (random: input_len, output_len, range_ratio, seed).")
 @click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB",
@@ -176,7 +178,8 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
         concurrency: str, rate: str | None, duration: float | None, seed: int, slo: str | None,
         price_usd_per_hour: float | None, endpoint: str | None, served_model: str | None,
-        backend_option_pairs: tuple[str, ...], task_options: tuple[str, ...], db_url: str | None,
+        backend_option_pairs: tuple[str, ...], data_path: Path | None, task_options: tuple[str, ...],
+        db_url: str | None,
         json_path: Path | None) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
     from capbench_core.report import print_results
@@ -197,7 +200,9 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     _refuse_if_none_can_run(pm, chosen, routed)
     store = Store(db_url)
     plan = RunPlan(backends=chosen, model=model, task=task, num_requests=num_requests, warmup=warmup,
-                   levels=levels, backend_options=routed, task_options=options_from_pairs(list(task_options)),
+                   levels=levels, backend_options=routed,
+                   task_options={**options_from_pairs(list(task_options)), **({"data": str(data_path)} if data_path
+                                                                            else {})},
                    price_usd_per_hour=price_usd_per_hour, duration_s=duration, seed=seed, slo=budgets)
     with console.status("probing hardware (peaks are measured once per machine)…"):
         hardware = detect_hardware(pm)

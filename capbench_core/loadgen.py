@@ -39,7 +39,7 @@ def _error_kind(exc: BaseException) -> str:
 
 
 async def _one(session: Session, req: Request, rec: RequestRecord, origin_ns: int,
-               judge: Callable[[str, str], bool | None]) -> None:
+               judge: Callable[[str, str], dict[str, bool] | None]) -> None:
     """Stream one request into ``rec`` (which the caller keeps even if this is cancelled)."""
     sent = time.perf_counter_ns()
     rec.sent_ns = sent - origin_ns
@@ -64,7 +64,8 @@ async def _one(session: Session, req: Request, rec: RequestRecord, origin_ns: in
         rec.output_text = "".join(text)
         _count_tokens(rec, req, session, usage)
         if rec.error_kind is None:
-            rec.correct = judge(req.id, rec.output_text)
+            rec.scores = judge(req.id, rec.output_text) or {}
+            rec.correct = next(iter(rec.scores.values())) if rec.scores else None
 
 
 def _count_tokens(rec: RequestRecord, req: Request, session: Session, usage: Usage | None) -> None:
@@ -94,7 +95,7 @@ class Arrivals:
 
 
 async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
-                    phase: Phase, warmup: bool, judge: Callable[[str, str], bool | None],
+                    phase: Phase, warmup: bool, judge: Callable[[str, str], dict[str, bool] | None],
                     on_done: Callable[[RequestRecord], None] | None = None) -> None:
     """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end."""
     phase.start_ns = time.perf_counter_ns()

@@ -150,6 +150,8 @@ def accuracy(m: Metrics, records: Sequence[RequestRecord], metric: str | None) -
     low, high = wilson_interval(correct, len(judged))
     m.accuracy, m.accuracy_metric, m.accuracy_n = correct / len(judged), metric, len(judged)
     m.accuracy_ci95_low, m.accuracy_ci95_high = low, high
+    names = {name for r in judged for name in r.scores}
+    m.accuracy_by_metric = {name: sum(1 for r in judged if r.scores.get(name)) / len(judged) for name in sorted(names)}
 
 
 @dataclass(frozen=True)

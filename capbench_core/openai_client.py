@@ -112,6 +112,8 @@ class OpenAISession:
         }
         if req.ignore_eos:
             body["ignore_eos"] = True
+        if req.stop:
+            body["stop"] = list(req.stop)
         if self._hook is not None:
             self._hook(req, body)
         return body

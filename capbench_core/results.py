@@ -109,6 +109,7 @@ class RequestRecord(_Model):
     server_request_id: str | None = None
     output_text: str | None = None
     correct: bool | None = None
+    scores: dict[str, bool] = Field(default_factory=dict, description="every metric's verdict, primary first")
     error_kind: str | None = None
     error: str | None = None
 
@@ -154,6 +155,7 @@ class Metrics(_Model):
     accuracy_n: int | None = None
     accuracy_ci95_low: float | None = None
     accuracy_ci95_high: float | None = None
+    accuracy_by_metric: dict[str, float] = Field(default_factory=dict)
     experts_activated_per_layer_mean: float | None = None
     expert_activation_source: Literal["measured", "estimated"] | None = None
     expert_activation_method: str | None = None

@@ -13,10 +13,12 @@ from capbench_core.backend import ModelRef, Request
 
 @dataclass(frozen=True)
 class Scored:
-    """How a task scores: metric name and a per-request judge (text, expected) -> correct."""
+    """How a task scores: the primary metric and its judge (text, expected) -> correct, plus
+    any further metrics reported beside it (GSM8K's flexible extract next to its strict match)."""
 
     metric: str
     judge: Callable[[str, str], bool]
+    extra: dict[str, Callable[[str, str], bool]] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,10 +37,14 @@ class Workload:
                   "sampling": asdict(r.sampling)} for r in self.requests]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
-    def score(self, request_id: str, text: str) -> bool | None:
+    def score(self, request_id: str, text: str) -> dict[str, bool] | None:
+        """Every metric's verdict for one output, the primary metric first."""
         if self.scoring is None or request_id not in self.expected:
             return None
-        return self.scoring.judge(text, self.expected[request_id])
+        expected = self.expected[request_id]
+        verdicts = {self.scoring.metric: self.scoring.judge(text, expected)}
+        verdicts.update((name, judge(text, expected)) for name, judge in self.scoring.extra.items())
+        return verdicts
 
 
 @runtime_checkable

@@ -172,3 +172,21 @@ def test_missing_weights_and_bad_config_name_the_file(tmp_path: Path, tiny) -> N
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CapbenchError, match="model.safetensors is not a readable safetensors file"):
         load_hf(tmp_path)
+
+
+def test_stop_strings_end_the_output_before_them(tiny) -> None:
+    from tokenizers import Tokenizer
+
+    model = load_hf(tiny.path)
+    engine = Engine(lambda: model, Tokenizer.from_file(str(tiny.path / "tokenizer.json")), 4, 64)
+    session = TorchMoESession(engine, None)
+
+    async def collect(req: Request) -> list:  # type: ignore[type-arg]
+        return [c async for c in session.stream(req)]
+
+    try:
+        chunks = asyncio.run(collect(Request(id="s", prompt="123+456=", max_tokens=8, stop=("9",))))
+    finally:
+        engine.close()
+    assert "".join(c.text for c in chunks) == "57"
+    assert chunks[-1].finish_reason == "stop"

@@ -102,7 +102,7 @@ class LlamaCppSession:
             try:
                 for chunk in self.llm.create_completion(
                         req.prompt, max_tokens=req.max_tokens, stream=True, temperature=s.temperature,
-                        top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed,
+                        top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed, stop=list(req.stop),
                         logit_bias={self._eos: BAN} if req.ignore_eos else None):
                     choice = chunk["choices"][0]
                     text, finish = choice["text"], choice.get("finish_reason")

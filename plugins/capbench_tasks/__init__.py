@@ -1,4 +1,5 @@
-"""Built-in tasks: `arith` (the tiny MoE's scored task) and `random` (synthetic lengths)."""
+"""Built-in tasks: `arith` (the tiny MoE's task), `random` (synthetic lengths), and the
+file-based accuracy tasks `gsm8k` and `mmlu` (`--task gsm8k --data FILE`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from capbench_core.plugins import TaskRegistry
 
 @hookimpl
 def register_tasks(register: TaskRegistry) -> None:
+    from capbench_tasks.files import GSM8KTask, MMLUTask
     from capbench_tasks.tasks import ArithTask, RandomTask
 
-    register.add_task(ArithTask())
-    register.add_task(RandomTask())
+    for task in (ArithTask(), RandomTask(), GSM8KTask(), MMLUTask()):
+        register.add_task(task)

@@ -48,6 +48,8 @@ class _Sequence:
     detok: Any
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    text: str = ""
+    stopped: bool = False
 
     @property
     def length(self) -> int:
@@ -197,17 +199,35 @@ class Engine:
         now = time.perf_counter_ns()
         for seq, token in zip(seqs, tokens):
             seq.generated.append(token)
+            delta = "" if self._is_eos(seq) else (seq.detok.step(self.tokenizer, token) or "")
+            delta = self._cut_at_stop(seq, delta)
             finish = self._finish_reason(seq)
-            stop = finish == "stop"
-            delta = "" if stop else (seq.detok.step(self.tokenizer, token) or "")
             self._emit(seq, TokenChunk(text=delta, num_tokens=1, finish_reason=finish, emitted_ns=now))
             if finish:
                 finished.append(seq)
         for seq in finished:
             self._retire(self._live.index(seq))
 
+    def _is_eos(self, seq: _Sequence) -> bool:
+        return seq.generated[-1] == self.eos and not seq.request.ignore_eos
+
+    @staticmethod
+    def _cut_at_stop(seq: _Sequence, delta: str) -> str:
+        """Append delta to the text; if a stop string now appears, end the text before it."""
+        if not seq.request.stop or not delta:
+            return delta
+        before = len(seq.text)
+        seq.text += delta
+        hits = [i for i in (seq.text.find(s, max(0, before - len(s))) for s in seq.request.stop) if i >= 0]
+        if not hits:
+            return delta
+        seq.stopped = True
+        cut = min(hits)
+        seq.text = seq.text[:cut]
+        return seq.text[before:] if cut > before else ""
+
     def _finish_reason(self, seq: _Sequence) -> str | None:
-        if seq.generated[-1] == self.eos and not seq.request.ignore_eos:
+        if self._is_eos(seq) or seq.stopped:
             return "stop"
         if len(seq.generated) >= seq.request.max_tokens:
             return "length"
