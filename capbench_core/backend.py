@@ -8,6 +8,7 @@ really activated.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -130,6 +131,20 @@ class ExpertActivation:
     source: Literal["measured", "estimated"]
     method: str
     steps: list[DecodeStep] = field(default_factory=list)
+
+
+async def drain(inbox: asyncio.Queue[TokenChunk | BaseException | None]) -> AsyncIterator[TokenChunk]:
+    """Yield the chunks an engine thread puts into ``inbox`` until None; re-raise its exceptions.
+
+    The bridge every in-process engine uses between its own thread and the client's event loop.
+    """
+    while True:
+        item = await inbox.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 @runtime_checkable

@@ -47,6 +47,20 @@ def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'results.db'}"
 
 
+def install_plugin(site: Path, module: str, dist: str, version: str, source: str) -> dict[str, str]:
+    """Install a throwaway plugin distribution (module + dist-info with a `capbench` entry point) under
+    ``site``; returns the environment that puts it on the path. Nothing in capbench changes."""
+    import textwrap
+
+    (site / module).mkdir(parents=True)
+    (site / module / "__init__.py").write_text(textwrap.dedent(source))
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[capbench]\n{module.removeprefix('capbench_')} = {module}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
             check: bool = False) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import CAPBENCH, run_cli
+from tests.conftest import CAPBENCH, install_plugin, run_cli
 
 
 def test_run_prints_cap_table_and_stores_every_run(tmp_path: Path, db_url: str) -> None:
@@ -78,36 +77,29 @@ def test_model_without_weights_names_the_file(tmp_path: Path, db_url: str) -> No
     assert "failed" in proc.stdout and "tokenizer.json is missing" in proc.stdout
 
 
-def _failing_plugin(site: Path) -> dict[str, str]:
-    (site / "capbench_broken").mkdir(parents=True)
-    (site / "capbench_broken" / "__init__.py").write_text(textwrap.dedent('''
-        from contextlib import contextmanager
-        from capbench_core import hookimpl
-        from capbench_core.backend import Availability
+BROKEN = '''
+    from contextlib import contextmanager
+    from capbench_core import hookimpl
+    from capbench_core.backend import Availability
 
-        class Broken:
-            name = "broken"
-            description = "fails to start"
-            def available(self):
-                return Availability.yes()
-            @contextmanager
-            def start(self, model, hardware, options):
-                raise RuntimeError("engine exited with code 1 during start-up")
-                yield
+    class Broken:
+        name = "broken"
+        description = "fails to start"
+        def available(self):
+            return Availability.yes()
+        @contextmanager
+        def start(self, model, hardware, options):
+            raise RuntimeError("engine exited with code 1 during start-up")
+            yield
 
-        @hookimpl
-        def register_backends(register):
-            register.add_backend(Broken())
-    '''))
-    dist = site / "capbench_broken-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: capbench-broken\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[capbench]\nbroken = capbench_broken\n")
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    @hookimpl
+    def register_backends(register):
+        register.add_backend(Broken())
+'''
 
 
 def test_a_backend_that_fails_to_start_gets_a_failed_row(tmp_path: Path, db_url: str) -> None:
-    env = _failing_plugin(tmp_path / "site")
+    env = install_plugin(tmp_path / "site", "capbench_broken", "capbench-broken", "1.0", BROKEN)
     proc = run_cli("run", "--backend", "broken,torch_moe", "--num-requests", "6", "--warmup", "0",
                    "--concurrency", "2", "--db", db_url, env=env)
     assert proc.returncode == 3

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,39 +12,31 @@ from capbench_core import hookimpl, hookspecs
 from capbench_core.backend import Availability, ModelRef
 from capbench_core.errors import CapbenchError
 from capbench_core.plugins import PluginManager
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, install_plugin, run_cli
 
 BUILT_INS = {"torch_moe", "tasks", "hw"}
 
 
-def _install_fake_plugin(site: Path) -> dict[str, str]:
-    """A throwaway distribution with an entry point, on a path of its own (no change to capbench)."""
-    (site / "capbench_hello").mkdir(parents=True)
-    (site / "capbench_hello" / "__init__.py").write_text(textwrap.dedent('''
-        from capbench_core import hookimpl
-        from capbench_core.backend import Availability
+HELLO = '''
+    from capbench_core import hookimpl
+    from capbench_core.backend import Availability
 
-        class HelloBackend:
-            name = "hello"
-            description = "a third-party test backend"
-            def available(self):
-                return Availability.no("hello needs a device this machine does not have")
-            def start(self, model, hardware, options):
-                raise RuntimeError("unreachable")
+    class HelloBackend:
+        name = "hello"
+        description = "a third-party test backend"
+        def available(self):
+            return Availability.no("hello needs a device this machine does not have")
+        def start(self, model, hardware, options):
+            raise RuntimeError("unreachable")
 
-        @hookimpl
-        def register_backends(register):
-            register.add_backend(HelloBackend())
-    '''))
-    dist = site / "capbench_hello-0.3.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: capbench-hello\nVersion: 0.3.1\n")
-    (dist / "entry_points.txt").write_text("[capbench]\nhello = capbench_hello\n")
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    @hookimpl
+    def register_backends(register):
+        register.add_backend(HelloBackend())
+'''
 
 
 def test_external_plugin_is_discovered_through_its_entry_point(tmp_path: Path) -> None:
-    env = _install_fake_plugin(tmp_path / "site")
+    env = install_plugin(tmp_path / "site", "capbench_hello", "capbench-hello", "0.3.1", HELLO)
     data = json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)
     plugins = {p["name"]: p for p in data["plugins"]}
     assert plugins["hello"]["source"] == "capbench-hello 0.3.1"

@@ -26,6 +26,7 @@ from capbench_core.backend import (
     Request,
     Session,
     TokenChunk,
+    drain,
 )
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
@@ -119,13 +120,8 @@ class LlamaCppSession:
                                   args=(request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)),
                                   daemon=True)
         worker.start()
-        while True:
-            item = await inbox.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for chunk in drain(inbox):
+            yield chunk
 
     def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
         return None

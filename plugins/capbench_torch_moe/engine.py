@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from capbench_core.backend import DecodeStep, ExpertActivation, Request, TokenChunk
+from capbench_core.backend import DecodeStep, ExpertActivation, Request, TokenChunk, drain
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 
@@ -253,13 +253,8 @@ class TorchMoESession:
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         inbox: asyncio.Queue[Item] = asyncio.Queue()
         self._engine.submit(request, Channel(asyncio.get_running_loop(), inbox))
-        while True:
-            item = await inbox.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for chunk in drain(inbox):
+            yield chunk
 
     def count_tokens(self, text: str) -> int:
         return len(self._engine.tokenizer.encode(text).ids)
