@@ -107,18 +107,19 @@ def _slo(value: str | None) -> dict[str, float]:
     return out
 
 
-def _levels(concurrency: str, rate: str | None) -> list[Any]:
+def _levels(concurrency: str | None, rate: str | None) -> list[Any]:
+    """Closed-loop levels (default 1,8), or Poisson rates capped by --concurrency when it is given."""
     from capbench_core.runner import Level
 
     if not rate:
-        return [Level(c) for c in _ints(concurrency, "--concurrency")]
+        return [Level(c) for c in _ints(concurrency or "1,8", "--concurrency")]
     try:
         rates = [float(r) for r in _csv(rate)]
     except ValueError:
         raise CapbenchError(f"--rate {rate!r} must be a comma-separated list of requests/second") from None
     if not rates or min(rates) <= 0:
         raise CapbenchError(f"--rate {rate!r} needs rates > 0")
-    cap = max(_ints(concurrency, "--concurrency")) if concurrency != "1,8" else 1024
+    cap = max(_ints(concurrency, "--concurrency")) if concurrency else 1024
     return [Level(cap, r) for r in rates]
 
 
@@ -150,8 +151,9 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Measured requests per load level.")
 @click.option("--warmup", type=click.IntRange(min=0), default=8, show_default=True,
               help="Warm-up requests per level, run first and excluded from the metrics (but recorded).")
-@click.option("--concurrency", default="1,8", show_default=True, metavar="N,...",
-              help="Concurrent requests (closed loop); a list gives one row per level.")
+@click.option("--concurrency", default=None, metavar="N,...",
+              help="Concurrent requests (closed loop; default 1,8); a list gives one row per level. "
+                   "With --rate: the most requests in flight.")
 @click.option("--rate", default=None, metavar="R,...",
               help="Poisson arrival rates in requests/s (open loop, seeded) instead of fixed concurrency.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
@@ -176,7 +178,7 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
-        concurrency: str, rate: str | None, duration: float | None, seed: int, slo: str | None,
+        concurrency: str | None, rate: str | None, duration: float | None, seed: int, slo: str | None,
         price_usd_per_hour: float | None, endpoint: str | None, served_model: str | None,
         backend_option_pairs: tuple[str, ...], data_path: Path | None, task_options: tuple[str, ...],
         db_url: str | None,

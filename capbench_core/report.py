@@ -42,9 +42,14 @@ def _experts(r: RunResult) -> str:
     return f"{m.experts_activated_per_layer_mean:.2f}/{r.model.num_experts} {tag}"
 
 
+def load_label(r: RunResult) -> str:
+    """`c=8` for a closed-loop level, `2/s` for a Poisson rate."""
+    return f"{r.workload.rate_rps:g}/s" if r.workload.rate_rps else f"c={r.workload.concurrency}"
+
+
 COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("backend", lambda r: r.backend),
-    ("conc", lambda r: str(r.workload.concurrency)),
+    ("load", load_label),
     ("status", lambda r: r.status),
     ("TTFT p50 ms", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
     ("TPOT p50 ms", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
@@ -85,7 +90,7 @@ def null_reasons(results: Sequence[RunResult]) -> list[str]:
     lines: list[str] = []
     for r in results:
         if r.status != "complete" and r.status_reason:
-            lines.append(f"{r.backend} c={r.workload.concurrency}: {r.status} — {r.status_reason}")
+            lines.append(f"{r.backend} {load_label(r)}: {r.status} — {r.status_reason}")
         for key, label in NOTE_KEYS.items():
             reason = r.metrics.notes.get(key)
             line = f"{label}: {reason}"
@@ -159,10 +164,10 @@ def print_convention(console: Console, results: Sequence[RunResult], convention:
                                         "convention": convention, **s} for r, s in zip(results, stats)]))
         return
     table = Table(title=f"latencies under the {convention} convention (docs/metrics.md)", title_justify="left")
-    for col in ("backend", "conc", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p50 ms", "ITL p99 ms"):
+    for col in ("backend", "load", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p50 ms", "ITL p99 ms"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r, s in zip(results, stats):
-        table.add_row(Text(r.backend), str(r.workload.concurrency),
+        table.add_row(Text(r.backend), load_label(r),
                       *(_fmt(s[k], ".2f") for k in ("ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
                                                     "itl_ms_p99")))
     console.print(table)

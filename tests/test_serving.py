@@ -161,3 +161,13 @@ def test_backend_options_are_routed_and_checked(db_url: str) -> None:
     assert proc.returncode == 1 and "no backend in this run takes option 'n_ctx'" in proc.stderr
     proc = run_cli("run", "--backend", "torch_moe", "--backend-option", "vllm:dtype=x", "--db", db_url)
     assert "names backend 'vllm', which is not in this run" in proc.stderr
+
+
+def test_rate_levels_are_stored_and_labelled(db_url: str) -> None:
+    with reference_server(Timing(ttft_ms=2, tpot_ms=1)) as url:
+        proc = run_cli("run", "--backend", "openai", "--endpoint", url, "--task", "random", "--num-requests", "10",
+                       "--warmup", "0", "--rate", "20,40", "--task-option", "output_len=4", "--db", db_url,
+                       check=True)
+    assert "20/s" in proc.stdout and "40/s" in proc.stdout
+    rows = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
+    assert len(rows) == 2 and all(r["num_completed"] == 10 for r in rows)
