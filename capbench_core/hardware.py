@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from capbench_core.results import Device, HardwareSpec, Peak
 
@@ -102,6 +104,33 @@ def cpu_peaks(fp: str, refresh: bool = False) -> tuple[Peak, dict[str, Peak]]:
     return bw, flops
 
 
+def datasheet() -> list[dict[str, Any]]:
+    """The accelerator table shipped in capbench_core/data/accelerators.json (each row sourced)."""
+    path = Path(__file__).resolve().parent / "data" / "accelerators.json"
+    rows: list[dict[str, Any]] = json.loads(path.read_text())["accelerators"]
+    return rows
+
+
+def match_accelerator(reported_name: str) -> dict[str, Any] | None:
+    """The datasheet row for a device name as NVML reports it (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    hits = [row for row in datasheet() if re.search(row["match"], reported_name.strip())]
+    return hits[0] if len(hits) == 1 else None
+
+
+def accelerator_peaks(device: Device) -> tuple[Peak, dict[str, Peak]]:
+    """Datasheet peaks for an accelerator, summed over its count; unknown -> null with the reason."""
+    row = match_accelerator(device.model)
+    if row is None:
+        reason = (f"no datasheet entry matches {device.model!r}; peaks are unknown "
+                  f"(add a sourced row to capbench_core/data/accelerators.json)")
+        return Peak(source="unknown", note=reason), {}
+    note = f"{row['name']} x{device.count}: {row['source']}"
+    bw = Peak(value=row["mem_bw_gbps"] * device.count, source="datasheet", note=note)
+    flops = {dtype: Peak(value=value * device.count, source="datasheet", note=note)
+             for dtype, value in row["tflops"].items()}
+    return bw, flops
+
+
 def build_spec(devices: list[Device], refresh_peaks: bool = False) -> HardwareSpec:
     """Assemble the HardwareSpec from probed devices; CPU peaks are measured."""
     cpus = [d for d in devices if d.kind == "cpu"]
@@ -110,12 +139,8 @@ def build_spec(devices: list[Device], refresh_peaks: bool = False) -> HardwareSp
     host_mem = int(cpu.memory_bytes or 0)
     fp = fingerprint(devices, cpu.model, host_mem)
     accel = [d for d in devices if d.kind != "cpu"]
-    if accel:
-        bw = Peak(source="unknown", note=f"no datasheet entry for {accel[0].model} yet")
-        flops: dict[str, Peak] = {}
-        compute = accel[0].model
-    else:
-        bw, flops = cpu_peaks(fp, refresh_peaks)
-        compute = "cpu"
+    cpu_bw, cpu_flops = cpu_peaks(fp, refresh_peaks)
+    bw, flops, compute = (*accelerator_peaks(accel[0]), accel[0].model) if accel else (cpu_bw, cpu_flops, "cpu")
     return HardwareSpec(devices=devices, cpu_model=cpu.model, cpu_cores=cores, host_memory_bytes=host_mem,
-                        fingerprint=fp, peak_mem_bw_gbps=bw, peak_flops_tflops=flops, compute_device=compute)
+                        fingerprint=fp, peak_mem_bw_gbps=bw, peak_flops_tflops=flops, compute_device=compute,
+                        cpu_peak_mem_bw_gbps=cpu_bw, cpu_peak_flops_tflops=cpu_flops)

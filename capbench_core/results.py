@@ -52,6 +52,8 @@ class HardwareSpec(_Model):
     peak_mem_bw_gbps: Peak
     peak_flops_tflops: dict[str, Peak] = Field(default_factory=dict)
     compute_device: str = "cpu"
+    cpu_peak_mem_bw_gbps: Peak | None = Field(default=None, description="the host CPU's, for CPU backends")
+    cpu_peak_flops_tflops: dict[str, Peak] = Field(default_factory=dict)
 
     def label(self) -> str:
         accel = [d for d in self.devices if d.kind != "cpu"]

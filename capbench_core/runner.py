@@ -227,8 +227,11 @@ class Runner:
                 "step time = window / output tokens (includes prefill: S-MBU is a lower bound)" if serial else
                 "uniform routing E(1-(1-k/E)^B), B = requests decoding at once (client view); "
                 "steps = client inter-token gaps")
-        bw = self.hardware.peak_mem_bw_gbps.value
-        flops_peak = self.hardware.peak_flops_tflops.get(dtype)
+        hw = self.hardware
+        on_cpu = getattr(self.pm.backends.get(result.backend), "device", "accelerator") == "cpu"
+        bw_peak = hw.cpu_peak_mem_bw_gbps if on_cpu and hw.cpu_peak_mem_bw_gbps else hw.peak_mem_bw_gbps
+        bw = bw_peak.value
+        flops_peak = (hw.cpu_peak_flops_tflops if on_cpu else hw.peak_flops_tflops).get(dtype)
         metrics.sparse_efficiency(m, spec, steps, source, method, dtype, bw,
                                   flops_peak.value if flops_peak else None)
         missing_price = ("no price for this hardware: pass --price-usd-per-hour "

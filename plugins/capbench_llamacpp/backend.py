@@ -129,6 +129,7 @@ class LlamaCppSession:
 
 class LlamaCppBackend:
     name = "llamacpp"
+    device = "cpu"
     description = "llama.cpp in-process (llama-cpp-python), one request at a time"
     options = OPTIONS
 
@@ -158,6 +159,7 @@ class LlamaCppBackend:
 
 class LlamaCppServerBackend:
     name = "llamacpp_server"
+    device = "cpu"
     description = "llama.cpp's OpenAI server (python -m llama_cpp.server), launched or attached"
     options = {**OPTIONS, "endpoint": "attach to this running server instead of launching one",
                "served_model": "model name on an attached server"}

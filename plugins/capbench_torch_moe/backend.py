@@ -31,6 +31,7 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 class TorchMoEBackend:
     name = "torch_moe"
+    device = "cpu"  # S-MBU/S-MFU use the host CPU's peaks
     description = "raw PyTorch MoE execution (continuous batching, router instrumentation)"
     options = {"dtype": "float32 | bfloat16 (default float32)", "max_batch": "sequences decoded together (64)",
                "max_model_len": "KV cache length per sequence (default: the model's, at most 4096)",
