@@ -163,6 +163,14 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Latency budgets for goodput; presets: mlperf-mixtral-8x7b, mlperf-llama2-70b, mlperf-deepseek-r1.")
 @click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
               help="Hourly price of this machine, for $/Mtok.")
+@click.option("--hardware-price-usd", type=click.FloatRange(min=0), default=None,
+              help="Capex cost model instead of an hourly price: what this machine cost.")
+@click.option("--life-years", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="Capex model: years the hardware price is spread over.")
+@click.option("--usd-per-kwh", type=click.FloatRange(min=0), default=0.10, show_default=True,
+              help="Capex model: electricity price.")
+@click.option("--power-w", type=click.FloatRange(min=0), default=None,
+              help="Capex model: power draw to charge (default: measured energy, else datasheet TDP as an estimate).")
 @click.option("--endpoint", default=None, metavar="URL",
               help="Attach to a running server instead of launching one (server backends).")
 @click.option("--served-model", default=None, help="Model name on the attached server.")
@@ -179,11 +187,13 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Also write the results as JSON to this file.")
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
         concurrency: str | None, rate: str | None, duration: float | None, seed: int, slo: str | None,
-        price_usd_per_hour: float | None, endpoint: str | None, served_model: str | None,
+        price_usd_per_hour: float | None, hardware_price_usd: float | None, life_years: float, usd_per_kwh: float,
+        power_w: float | None, endpoint: str | None, served_model: str | None,
         backend_option_pairs: tuple[str, ...], data_path: Path | None, task_options: tuple[str, ...],
         db_url: str | None,
         json_path: Path | None) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
+    from capbench_core.metrics import Capex
     from capbench_core.report import print_results
     from capbench_core.runner import Runner, RunPlan, backend_options, detect_hardware, options_from_pairs
     from capbench_core.store import Store
@@ -192,6 +202,9 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     console = _console()
     levels = _levels(concurrency, rate)
     budgets = _slo(slo)
+    if hardware_price_usd is not None and price_usd_per_hour is not None:
+        raise CapbenchError("give either --price-usd-per-hour (renting) or --hardware-price-usd (owning), not both")
+    capex = Capex(hardware_price_usd, life_years, usd_per_kwh, power_w) if hardware_price_usd is not None else None
     model = _resolve_model(pm, model_name)
     task = pm.tasks.get(task_name or model.default_task or "random")
     chosen = _choose_backends(pm, console, backends, endpoint)
@@ -205,7 +218,7 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
                    levels=levels, backend_options=routed,
                    task_options={**options_from_pairs(list(task_options)), **({"data": str(data_path)} if data_path
                                                                             else {})},
-                   price_usd_per_hour=price_usd_per_hour, duration_s=duration, seed=seed, slo=budgets)
+                   price_usd_per_hour=price_usd_per_hour, duration_s=duration, seed=seed, slo=budgets, capex=capex)
     with console.status("probing hardware (peaks are measured once per machine)…"):
         hardware = detect_hardware(pm)
     reporter = _progress_reporter(console)

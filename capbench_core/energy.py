@@ -1,6 +1,5 @@
-"""Energy counters read around the measured window: RAPL on Linux CPUs.
+"""Energy counters read around the measured window: RAPL on Linux CPUs, NVML on NVIDIA GPUs.
 
-(NVML energy counters for NVIDIA GPUs join here with the NVIDIA hardware work.)
 A counter that is absent or unreadable gives ``None`` with the reason.
 """
 
@@ -11,8 +10,47 @@ from pathlib import Path
 POWERCAP = Path("/sys/class/powercap")
 
 
+class NvmlMeter:
+    """Sum of every visible NVIDIA GPU's total-energy counter (mJ since driver load)."""
+
+    source = "NVML total energy counters"
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self._start: list[int] | None = None
+
+    def _read(self) -> list[int] | None:
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "nvidia-ml-py is not installed (pip install 'capbench[nvidia]'), so NVML energy is unread"
+            return None
+        try:
+            pynvml.nvmlInit()
+            try:
+                return [int(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                        for i in range(pynvml.nvmlDeviceGetCount())]
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception as exc:  # NVML errors: driver missing, counter unsupported (pre-Volta)
+            self.reason = f"NVML energy counter unreadable ({type(exc).__name__}: {exc})"
+            return None
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> float | None:
+        end = self._read()
+        if end is None or self._start is None or len(end) != len(self._start):
+            self.reason = self.reason or "NVML energy counter was not readable at the start of the window"
+            return None
+        return sum(b - a for a, b in zip(self._start, end)) / 1e3
+
+
 class RaplMeter:
     """Sums package-level RAPL domains (``intel-rapl:N``; AMD exposes the same names)."""
+
+    source = "RAPL package counters"
 
     def __init__(self, root: Path = POWERCAP):
         self.root = root

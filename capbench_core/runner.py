@@ -20,7 +20,7 @@ from typing import Any
 
 from capbench_core import __version__, metrics
 from capbench_core.backend import Backend, ModelRef, Session
-from capbench_core.energy import RaplMeter
+from capbench_core.energy import NvmlMeter, RaplMeter
 from capbench_core.engine_metrics import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.loadgen import Arrivals, Phase, run_phase
@@ -64,6 +64,7 @@ class RunPlan:
     duration_s: float | None = None
     seed: int = 0
     slo: dict[str, float] = field(default_factory=dict)
+    capex: metrics.Capex | None = None
 
 
 class Reporter:
@@ -114,6 +115,20 @@ class Runner:
         for name in plan.backends:
             results.extend(self._run_backend(self.pm.backends.get(name), plan, spec, workload))
         return results
+
+    def _tdp_w(self) -> float | None:
+        """Datasheet TDP of the accelerators, for a labelled power estimate; None on CPU."""
+        from capbench_core.hardware import match_accelerator
+
+        total = 0.0
+        for d in self.hardware.devices:
+            if d.kind == "cpu":
+                continue
+            row = match_accelerator(d.model)
+            if row is None:
+                return None
+            total += row["tdp_w"] * d.count
+        return total or None
 
     def _base_result(self, backend: str, plan: RunPlan, spec: ModelSpec, workload: Workload,
                      level: Level, dtype: str) -> RunResult:
@@ -166,7 +181,9 @@ class Runner:
                                 "rate_rps": level.rate_rps})
         warm, measured = workload.requests[:plan.warmup], workload.requests[plan.warmup:]
         warm_phase, main_phase = Phase(), Phase()
-        meter = RaplMeter()
+        on_gpu = getattr(self.pm.backends.get(result.backend), "device", "accelerator") != "cpu" and any(
+            d.vendor == "NVIDIA" for d in self.hardware.devices if d.kind == "gpu")
+        meter: RaplMeter | NvmlMeter = NvmlMeter() if on_gpu else RaplMeter()
         origin = time.perf_counter_ns()
         label = f"{result.backend} {level.label}"
         reports: list[WindowReport | None] = []
@@ -203,7 +220,7 @@ class Runner:
         reason = f"{failed} of {result.metrics.num_requests} requests failed" if failed else ""
         return self._finish(result, "partial" if failed else "complete", reason)
 
-    def _compute(self, result: RunResult, warm: Phase, main: Phase, meter: RaplMeter, session: Session,
+    def _compute(self, result: RunResult, warm: Phase, main: Phase, meter: RaplMeter | NvmlMeter, session: Session,
                  spec: ModelSpec, workload: Workload, plan: RunPlan, dtype: str,
                  report: WindowReport | None) -> None:
         joules = meter.stop()
@@ -236,9 +253,11 @@ class Runner:
                                   flops_peak.value if flops_peak else None)
         missing_price = ("no price for this hardware: pass --price-usd-per-hour "
                          f"(no price-table entry matches {self.hardware.label()!r})")
-        metrics.hourly_cost(m, plan.price_usd_per_hour,
-                            "hourly price (--price-usd-per-hour)", missing_price)
-        metrics.energy(m, joules, "RAPL package counters" if joules is not None else None, meter.reason)
+        metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
+        if plan.capex is not None:
+            metrics.capex_cost(m, plan.capex, self._tdp_w())
+        else:
+            metrics.hourly_cost(m, plan.price_usd_per_hour, "hourly price (--price-usd-per-hour)", missing_price)
         metrics.goodput(m, main.records, plan.slo, main.window_ns)
         if report is not None:
             result.engine_metrics = dict(report.engine_metrics)

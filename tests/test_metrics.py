@@ -152,3 +152,33 @@ def test_conventions_recompute_from_raw_timestamps() -> None:
     r.token_count_source = "tokenizer"
     assert recompute(result, "sglang")["tpot_ms_p50"] == pytest.approx(40 / 9)  # falls back to max_tokens
     assert recompute(result, "vllm")["itl_ms_p50"] == 10
+
+
+def test_capex_cost_model_and_its_power_sources() -> None:
+    c = metrics.Capex(hardware_price_usd=26298.0, life_years=3.0, usd_per_kwh=0.1)
+    m = Metrics(output_tok_per_s=1000.0, energy_j=3600.0, duration_s=10.0)
+    metrics.capex_cost(m, c, tdp_w=700.0)
+    hourly = 26298.0 / (3 * 8766) + 0.360 * 0.1  # measured mean power 360 W wins over the TDP
+    assert m.price_usd_per_hour == pytest.approx(hourly)
+    assert m.cost_usd_per_mtok == pytest.approx(hourly / 3.6)
+    assert "measured mean power" in str(m.cost_model)
+    m2 = Metrics(output_tok_per_s=1000.0)
+    metrics.capex_cost(m2, c, tdp_w=700.0)
+    assert "datasheet TDP (estimate, not measured)" in str(m2.cost_model)
+    m3 = Metrics(output_tok_per_s=1000.0)
+    metrics.capex_cost(m3, c, tdp_w=None)
+    assert m3.price_usd_per_hour == pytest.approx(26298.0 / (3 * 8766)) and "left out" in str(m3.cost_model)
+
+
+def test_nvml_meter_without_nvml_gives_a_reason() -> None:
+    import importlib.util
+
+    from capbench_core.energy import NvmlMeter
+
+    meter = NvmlMeter()
+    meter.start()
+    joules = meter.stop()
+    if importlib.util.find_spec("pynvml") is None:
+        assert joules is None and "nvidia-ml-py is not installed" in meter.reason
+    elif joules is None:  # NVML present but no GPU or no counter: the reason says which
+        assert "NVML" in meter.reason

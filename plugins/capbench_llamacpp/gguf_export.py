@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from capbench_core.errors import CapbenchError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # name -> llama.cpp file type (llama_ftype); f32 is written directly.
 GGUF_TYPES: dict[str, str] = {
@@ -25,6 +26,7 @@ GGUF_TYPES: dict[str, str] = {
 
 
 def _tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    import numpy as np
     from safetensors.numpy import load_file
 
     out: dict[str, np.ndarray] = {}
@@ -66,6 +68,7 @@ def _tokenizer(writer: Any, model_dir: Path, eos_id: int) -> None:
 def export_f32(model_dir: Path, out: Path) -> Path:
     """Write an F32 GGUF of a Qwen3-MoE checkpoint."""
     import gguf
+    import numpy as np
 
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("model_type") != "qwen3_moe":
