@@ -1,4 +1,8 @@
-"""NVIDIA probe through NVML (package nvidia-ml-py); returns [] when NVML is absent."""
+"""NVIDIA probe through NVML (package nvidia-ml-py); returns [] when NVML or a GPU is absent.
+
+Per device kind: name as NVML reports it (matched against the datasheet table),
+count, memory, power limit, driver and CUDA versions, and NVLink links up.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,16 @@ from collections import Counter
 from typing import Any
 
 from capbench_core.results import Device
+
+
+def _nvlinks(pynvml: Any, handle: Any) -> int:
+    up = 0
+    for link in range(18):  # NVML_NVLINK_MAX_LINKS on current parts
+        try:
+            up += int(pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED)
+        except Exception:  # link not present / not supported: stop counting
+            break
+    return up
 
 
 def probe_nvidia() -> list[Device]:
@@ -18,14 +32,20 @@ def probe_nvidia() -> list[Device]:
     except Exception:  # no driver or no device: not an error for a probe
         return []
     try:
-        units: list[tuple[str, int]] = []
-        details: dict[str, Any] = {"driver": pynvml.nvmlSystemGetDriverVersion()}
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        common = {"driver": pynvml.nvmlSystemGetDriverVersion(), "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}"}
+        units: list[tuple[str, int, int, int]] = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
-            units.append((name, int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
-        return [Device(kind="gpu", vendor="NVIDIA", model=name, count=n, memory_bytes=mem, details=details)
-                for (name, mem), n in Counter(units).items()]
+            try:
+                limit_w = int(pynvml.nvmlDeviceGetPowerManagementLimit(handle)) // 1000
+            except Exception:  # not supported on every board
+                limit_w = 0
+            units.append((name, int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), limit_w, _nvlinks(pynvml, handle)))
+        return [Device(kind="gpu", vendor="NVIDIA", model=name, count=n, memory_bytes=mem,
+                       details={**common, "power_limit_w": limit_w or None, "nvlinks_up": links})
+                for (name, mem, limit_w, links), n in Counter(units).items()]
     finally:
         pynvml.nvmlShutdown()
