@@ -402,9 +402,13 @@ def show_hardware(as_json: bool) -> None:
         mem = f", {d.memory_bytes / 2**30:.1f} GiB" if d.memory_bytes else ""
         click.echo(f"{d.kind}: {d.count}x {d.model} ({d.vendor}{mem})")
     bw = spec.peak_mem_bw_gbps
-    click.echo(f"peak memory bandwidth: {bw.value} GB/s ({bw.source}; {bw.note})")
+    click.echo(f"peak memory bandwidth: {_peak(bw.value, 'GB/s')} ({bw.source}; {bw.note})")
     for dtype, peak in spec.peak_flops_tflops.items():
-        click.echo(f"peak dense {dtype}: {peak.value} TFLOP/s ({peak.source}; {peak.note})")
+        click.echo(f"peak dense {dtype}: {_peak(peak.value, 'TFLOP/s')} ({peak.source}; {peak.note})")
+
+
+def _peak(value: float | None, unit: str) -> str:
+    return "unknown" if value is None else f"{value:g} {unit}"
 
 
 def main() -> None:
