@@ -251,8 +251,8 @@ class Runner:
         flops_peak = (hw.cpu_peak_flops_tflops if on_cpu else hw.peak_flops_tflops).get(dtype)
         metrics.sparse_efficiency(m, spec, steps, source, method, dtype, bw,
                                   flops_peak.value if flops_peak else None)
-        missing_price = ("no price for this hardware: pass --price-usd-per-hour "
-                         f"(no price-table entry matches {self.hardware.label()!r})")
+        missing_price = ("no price for this hardware: pass --price-usd-per-hour (renting) or "
+                         f"--hardware-price-usd (owning) for {self.hardware.label()!r}")
         metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
         if plan.capex is not None:
             metrics.capex_cost(m, plan.capex, self._tdp_w())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import queue
 import sys
 import threading
 import time
@@ -84,42 +85,52 @@ def _available() -> Availability:
 
 
 class LlamaCppSession:
-    """In-process llama.cpp: one request at a time on a worker thread, streamed to asyncio."""
+    """In-process llama.cpp: requests served one at a time by one long-lived worker thread.
+
+    One thread for the session's life, not one per request: llama.cpp called from a new
+    thread each time paid ~8 ms per request here, against 0.5 ms from a steady thread.
+    """
 
     serial_decode = True  # one sequence at a time: the runner derives batch-1 decode steps
 
     def __init__(self, llm: Any, engine: EngineInfo):
         self.llm = llm
         self.engine = engine
-        self._lock = threading.Lock()
         self._eos = int(llm.token_eos())
+        self._jobs: queue.Queue[tuple[Request, Any] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._serve, name="llamacpp-worker", daemon=True)
+        self._worker.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._generate(*job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
     def _generate(self, req: Request, put: Any) -> None:
         s = req.sampling
-        with self._lock:
-            try:
-                for chunk in self.llm.create_completion(
-                        req.prompt, max_tokens=req.max_tokens, stream=True, temperature=s.temperature,
-                        top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed, stop=list(req.stop),
-                        logit_bias={self._eos: BAN} if req.ignore_eos else None):
-                    choice = chunk["choices"][0]
-                    text, finish = choice["text"], choice.get("finish_reason")
-                    put(TokenChunk(text=text, num_tokens=1 if text or not finish else 0, finish_reason=finish,
-                                   emitted_ns=time.perf_counter_ns()))
-                put(None)
-            except Exception as exc:  # delivered to the request, not raised on the worker thread
-                put(exc)
+        try:
+            for chunk in self.llm.create_completion(
+                    req.prompt, max_tokens=req.max_tokens, stream=True, temperature=s.temperature,
+                    top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed, stop=list(req.stop),
+                    logit_bias={self._eos: BAN} if req.ignore_eos else None):
+                choice = chunk["choices"][0]
+                text, finish = choice["text"], choice.get("finish_reason")
+                put(TokenChunk(text=text, num_tokens=1 if text or not finish else 0, finish_reason=finish,
+                               emitted_ns=time.perf_counter_ns()))
+            put(None)
+        except Exception as exc:  # delivered to the request, not raised on the worker thread
+            put(exc)
 
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[TokenChunk | BaseException | None] = asyncio.Queue()
-        worker = threading.Thread(target=self._generate,
-                                  args=(request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)),
-                                  daemon=True)
-        worker.start()
+        self._jobs.put((request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)))
         async for chunk in drain(inbox):
             yield chunk
 
@@ -151,9 +162,11 @@ class LlamaCppBackend:
         info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
                           {**opts, "gguf": str(gguf), "threads": llm.context_params.n_threads,
                            "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]})
+        session = LlamaCppSession(llm, info)
         try:
-            yield LlamaCppSession(llm, info)
+            yield session
         finally:
+            session.close()
             llm.close()
 
 
