@@ -9,11 +9,13 @@ really activated.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from capbench_core.errors import CapbenchError
 
 if TYPE_CHECKING:
     from capbench_core.results import HardwareSpec
@@ -131,6 +133,14 @@ class ExpertActivation:
     source: Literal["measured", "estimated"]
     method: str
     steps: list[DecodeStep] = field(default_factory=list)
+
+
+def check_options(backend: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """One error for every backend: the options it was given but does not take, and those it does."""
+    names = list(known)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise CapbenchError(f"{backend} does not know option(s) {', '.join(unknown)}; known: {', '.join(names)}")
 
 
 async def drain(inbox: asyncio.Queue[TokenChunk | BaseException | None]) -> AsyncIterator[TokenChunk]:

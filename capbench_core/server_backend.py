@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
+from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
 from capbench_core.engine_metrics import EngineProbe
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
@@ -62,10 +62,7 @@ class ServerBackend:
         return Availability.yes() if options.get("endpoint") else self.available()
 
     def parse(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = set(options) - set(self.options)
-        if unknown:
-            raise CapbenchError(f"{self.name} does not know option(s) {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(self.options)}")
+        check_options(self.name, options, self.options)
         return {**self.defaults, **options}
 
     def argv(self, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ from capbench_core.backend import (
     Request,
     Session,
     TokenChunk,
+    check_options,
     drain,
 )
 from capbench_core.errors import CapbenchError
@@ -47,10 +48,7 @@ BAN = -1e9
 
 
 def _options(options: Mapping[str, Any], extra: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-    unknown = set(options) - set(OPTIONS) - extra
-    if unknown:
-        raise CapbenchError(f"llama.cpp backends do not know option(s) {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(OPTIONS)}")
+    check_options("llama.cpp", options, [*OPTIONS, *extra])
     opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": 512, "n_batch": 512, "kv_type": "f32",
             **{k: v for k, v in options.items() if v is not None}}
     if opts["gguf_type"] not in GGUF_TYPES:

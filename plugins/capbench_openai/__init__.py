@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
+from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
 from capbench_core.errors import CapbenchError
 from capbench_core.plugins import BackendRegistry
 from capbench_core.results import HardwareSpec
@@ -33,10 +33,7 @@ class OpenAIBackend:
     def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
         from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
 
-        unknown = set(options) - set(self.options)
-        if unknown:
-            raise CapbenchError(f"openai does not know option(s) {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(self.options)}")
+        check_options(self.name, options, self.options)
         endpoint = options.get("endpoint")
         if not endpoint:
             raise CapbenchError("the openai backend needs --endpoint URL (a running OpenAI-compatible server)")

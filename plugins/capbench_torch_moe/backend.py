@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session
+from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
 
@@ -16,10 +16,7 @@ DEFAULTS: dict[str, Any] = {"dtype": "float32", "max_batch": 64, "max_model_len"
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise CapbenchError(f"torch_moe does not know option(s) {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(DEFAULTS)}")
+    check_options("torch_moe", options, DEFAULTS)
     merged = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if merged["dtype"] not in DTYPES:
         raise CapbenchError(f"torch_moe dtype={merged['dtype']!r} is not supported; use one of {', '.join(DTYPES)}")
