@@ -43,7 +43,6 @@ class AttnShape:
     o_bias: bool = False
     qk_norm: int = 0            # parameters of q/k norms per layer
     sinks: bool = False         # gpt-oss learned attention sinks (one per head)
-    fused_qkv: bool = False
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -328,7 +327,7 @@ def _dbrx(c: Mapping[str, Any]) -> ArchShape:
     flat = {"hidden_size": h, "vocab_size": c["vocab_size"], "num_hidden_layers": c["n_layers"],
             "tie_word_embeddings": c.get("tie_word_embeddings", False)}
     e = int(ffn["moe_num_experts"])
-    attn = AttnShape("gqa", heads, int(attn_cfg.get("kv_n_heads", heads)), h // heads, fused_qkv=True)
+    attn = AttnShape("gqa", heads, int(attn_cfg.get("kv_n_heads", heads)), h // heads)  # Wqkv: same count fused
     return _base(flat, "dbrx", attn, moe_layers=int(c["n_layers"]), num_experts=e,
                  top_k=int(ffn["moe_top_k"]), expert_params=_swiglu(h, int(ffn["ffn_hidden_size"])),
                  router_params=h * e)

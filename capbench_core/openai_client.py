@@ -73,16 +73,14 @@ class OpenAISession:
 
     ``body_hook(request, body)`` lets a backend add its engine's own sampling
     fields (llama.cpp's ``repeat_penalty``); ``serial_decode`` tells the runner
-    the engine decodes one request at a time.
+    the engine decodes one request at a time; ``probe`` reads the engine's own
+    metrics (and, for SGLang, its expert recorder) around the measured window.
     """
-
-    serial_decode = False
 
     def __init__(self, base_url: str, model: str, engine: EngineInfo,
                  count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,
                  timeout_s: float = 600.0, body_hook: Callable[[Request, dict[str, Any]], None] | None = None,
-                 activation: Callable[[int], ExpertActivation | None] | None = None,
-                 probe: EngineProbe | None = None):
+                 probe: EngineProbe | None = None, serial_decode: bool = False):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.engine = engine
@@ -90,7 +88,7 @@ class OpenAISession:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout_s = timeout_s
         self._hook = body_hook
-        self._activation = activation
+        self.serial_decode = serial_decode
         self._probe = probe
         self._clients: dict[int, StreamingClient] = {}
 
@@ -182,7 +180,8 @@ class OpenAISession:
         return self._count(text)
 
     def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
-        return self._activation(since_ns) if self._activation else None
+        """A server reports no decode steps; the runner estimates them, or uses the probe's measured A."""
+        return None
 
     def begin_window(self) -> None:
         """Called by the runner just before the measured requests."""

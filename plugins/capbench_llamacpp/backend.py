@@ -228,9 +228,8 @@ def _server_session(url: str, name: str, info: EngineInfo, counter: Any) -> Sess
         if req.ignore_eos and counter is not None:
             body["logit_bias"] = {str(counter.eos): BAN}
 
-    session = OpenAISession(url, name, info, counter, body_hook=adapt)
-    session.serial_decode = True  # llama_cpp.server serves one request at a time
-    return session
+    # llama_cpp.server serves one request at a time
+    return OpenAISession(url, name, info, counter, body_hook=adapt, serial_decode=True)
 
 
 class _Counter:

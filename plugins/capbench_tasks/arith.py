@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-MAX_OPERAND = 999
-
 
 def is_held_out(a: int, b: int) -> bool:
     """Deterministic 10 % split that does not depend on any RNG state."""
