@@ -163,8 +163,13 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Latency budgets for goodput; presets: mlperf-mixtral-8x7b, mlperf-llama2-70b, mlperf-deepseek-r1.")
 @click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
               help="Hourly price of this machine, for $/Mtok.")
+@click.option("--price-from", default=None, metavar="ROW_ID",
+              help="Hourly price from the dated, sourced price table (see `capbench prices`), scaled to "
+                   "the accelerators used.")
 @click.option("--hardware-price-usd", type=click.FloatRange(min=0), default=None,
               help="Capex cost model instead of an hourly price: what this machine cost.")
+@click.option("--cost-preset", type=click.Choice(["moe-cap"]), default=None,
+              help="Capex model with MoE-CAP's published GPU prices, TDPs, $/kWh and overheads.")
 @click.option("--life-years", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
               help="Capex model: years the hardware price is spread over.")
 @click.option("--usd-per-kwh", type=click.FloatRange(min=0), default=0.10, show_default=True,
@@ -187,13 +192,13 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Also write the results as JSON to this file.")
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
         concurrency: str | None, rate: str | None, duration: float | None, seed: int, slo: str | None,
-        price_usd_per_hour: float | None, hardware_price_usd: float | None, life_years: float, usd_per_kwh: float,
-        power_w: float | None, endpoint: str | None, served_model: str | None,
+        price_usd_per_hour: float | None, price_from: str | None, hardware_price_usd: float | None,
+        cost_preset: str | None, life_years: float, usd_per_kwh: float, power_w: float | None,
+        endpoint: str | None, served_model: str | None,
         backend_option_pairs: tuple[str, ...], data_path: Path | None, task_options: tuple[str, ...],
         db_url: str | None,
         json_path: Path | None) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
-    from capbench_core.metrics import Capex
     from capbench_core.report import print_results
     from capbench_core.runner import Runner, RunPlan, backend_options, detect_hardware, options_from_pairs
     from capbench_core.store import Store
@@ -202,9 +207,11 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     console = _console()
     levels = _levels(concurrency, rate)
     budgets = _slo(slo)
-    if hardware_price_usd is not None and price_usd_per_hour is not None:
-        raise CapbenchError("give either --price-usd-per-hour (renting) or --hardware-price-usd (owning), not both")
-    capex = Capex(hardware_price_usd, life_years, usd_per_kwh, power_w) if hardware_price_usd is not None else None
+    chosen_costs = [flag for flag, value in (("--price-usd-per-hour", price_usd_per_hour), ("--price-from", price_from),
+                                             ("--hardware-price-usd", hardware_price_usd),
+                                             ("--cost-preset", cost_preset)) if value is not None]
+    if len(chosen_costs) > 1:
+        raise CapbenchError(f"give one cost model, not {' and '.join(chosen_costs)}")
     model = _resolve_model(pm, model_name)
     task = pm.tasks.get(task_name or model.default_task or "random")
     chosen = _choose_backends(pm, console, backends, endpoint)
@@ -218,9 +225,11 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
                    levels=levels, backend_options=routed,
                    task_options={**options_from_pairs(list(task_options)), **({"data": str(data_path)} if data_path
                                                                             else {})},
-                   price_usd_per_hour=price_usd_per_hour, duration_s=duration, seed=seed, slo=budgets, capex=capex)
+                   duration_s=duration, seed=seed, slo=budgets)
     with console.status("probing hardware (peaks are measured once per machine)…"):
         hardware = detect_hardware(pm)
+    plan.cost = _cost_model(hardware, price_usd_per_hour, price_from, hardware_price_usd, cost_preset,
+                            life_years, usd_per_kwh, power_w)
     reporter = _progress_reporter(console)
     _sigterm_as_interrupt()
     results = Runner(pm, store, hardware, reporter).run(plan)
@@ -231,6 +240,23 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
         console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
     if any(r.status == "failed" for r in results):
         sys.exit(3)
+
+
+def _cost_model(hardware: Any, price_usd_per_hour: float | None, price_from: str | None,
+                hardware_price_usd: float | None, cost_preset: str | None, life_years: float, usd_per_kwh: float,
+                power_w: float | None) -> Any:
+    """The one cost model the flags chose (None: no price, and the results say so)."""
+    from capbench_core import cost
+
+    if price_usd_per_hour is not None:
+        return cost.Hourly(price_usd_per_hour, "hourly price (--price-usd-per-hour)")
+    if price_from is not None:
+        return cost.hourly_from_table(price_from, hardware)
+    if hardware_price_usd is not None:
+        return cost.Capex(hardware_price_usd, life_years, usd_per_kwh, power_w)
+    if cost_preset == "moe-cap":
+        return cost.moe_cap_preset(hardware, life_years)
+    return None
 
 
 def _refuse_if_none_can_run(pm: Any, chosen: list[str], routed: dict[str, dict[str, str]]) -> None:
@@ -405,6 +431,29 @@ def show_hardware(as_json: bool) -> None:
     click.echo(f"peak memory bandwidth: {_peak(bw.value, 'GB/s')} ({bw.source}; {bw.note})")
     for dtype, peak in spec.peak_flops_tflops.items():
         click.echo(f"peak dense {dtype}: {_peak(peak.value, 'TFLOP/s')} ({peak.source}; {peak.note})")
+
+
+@hardware.command("prices")
+@click.option("--accelerator", default=None, help="Only rows for this datasheet accelerator (e.g. 'H100 SXM').")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def show_prices(accelerator: str | None, as_json: bool) -> None:
+    """The dated, sourced hourly price table used by `capbench run --price-from ROW_ID`."""
+    from capbench_core.cost import price_table
+
+    rows = [r for r in price_table() if accelerator is None or r.accelerator == accelerator]
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="hourly prices (check the date before you publish a cost)", title_justify="left")
+    for col in ("row id", "accelerator", "GPUs", "$/h", "$/GPU-h", "pricing", "as of", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(Text(r.id), Text(r.accelerator), str(r.gpus), f"{r.usd_per_hour:g}",
+                      f"{r.usd_per_hour / r.gpus:.2f}", r.pricing, r.as_of, Text(f"{r.source_kind}: {r.source}"))
+    _console().print(table)
 
 
 def _peak(value: float | None, unit: str) -> str:

@@ -223,51 +223,6 @@ def _physical(m: Metrics, key: str, value: float) -> float | None:
     return None
 
 
-def hourly_cost(m: Metrics, price_usd_per_hour: float | None, model_name: str, missing_reason: str) -> None:
-    """cost_usd_per_mtok = $/h / (output tok/s x 3600) x 1e6; *_all uses all tokens (input + output)."""
-    if price_usd_per_hour is None:
-        m.notes["cost_usd_per_mtok"] = missing_reason
-        return
-    m.cost_model, m.price_usd_per_hour = model_name, price_usd_per_hour
-    if m.output_tok_per_s:
-        m.cost_usd_per_mtok = price_usd_per_hour / (m.output_tok_per_s * 3600) * 1e6
-    else:
-        m.notes["cost_usd_per_mtok"] = "no output throughput was measured"
-    if m.total_tok_per_s:
-        m.cost_usd_per_mtok_all = price_usd_per_hour / (m.total_tok_per_s * 3600) * 1e6
-
-
-@dataclass(frozen=True)
-class Capex:
-    """Owning the hardware: its price amortised over a stated life, plus electricity."""
-
-    hardware_price_usd: float
-    life_years: float
-    usd_per_kwh: float
-    power_w: float | None = None  # given by the user; else measured energy, else datasheet TDP (estimate)
-
-
-def capex_cost(m: Metrics, c: Capex, tdp_w: float | None) -> None:
-    """$/h = price / (life x 8766 h) + kW x $/kWh; then cost_usd_per_mtok as for an hourly price.
-
-    Power: the user's figure, else the measured mean power over the window (energy / duration),
-    else the datasheet TDP, labelled as an estimate; with none of them, the energy term is left
-    out and the note says so.
-    """
-    if c.power_w is not None:
-        power, source = c.power_w, "power given by the user"
-    elif m.energy_j is not None and m.duration_s:
-        power, source = m.energy_j / m.duration_s, f"measured mean power ({m.energy_source})"
-    elif tdp_w is not None:
-        power, source = tdp_w, "datasheet TDP (estimate, not measured)"
-    else:
-        power, source = 0.0, "no power known: energy cost left out"
-    hourly = c.hardware_price_usd / (c.life_years * 8766) + power / 1000 * c.usd_per_kwh
-    name = (f"capex: ${c.hardware_price_usd:g} over {c.life_years:g} years + {power:.0f} W x "
-            f"${c.usd_per_kwh:g}/kWh ({source})")
-    hourly_cost(m, hourly, name, "")
-
-
 def energy(m: Metrics, joules: float | None, source: str | None, missing_reason: str) -> None:
     """J per output token over the measured window, from an energy counter."""
     if joules is None:

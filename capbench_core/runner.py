@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from capbench_core import __version__, metrics
+from capbench_core import __version__, cost, metrics
 from capbench_core.backend import Backend, ModelRef, Session
+from capbench_core.cost import CostModel
 from capbench_core.energy import NvmlMeter, RaplMeter
 from capbench_core.engine_metrics import WindowReport
 from capbench_core.errors import CapbenchError
@@ -60,11 +61,10 @@ class RunPlan:
     levels: list[Level]
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
-    price_usd_per_hour: float | None = None
+    cost: CostModel | None = None
     duration_s: float | None = None
     seed: int = 0
     slo: dict[str, float] = field(default_factory=dict)
-    capex: metrics.Capex | None = None
 
 
 class Reporter:
@@ -254,10 +254,7 @@ class Runner:
         missing_price = ("no price for this hardware: pass --price-usd-per-hour (renting) or "
                          f"--hardware-price-usd (owning) for {self.hardware.label()!r}")
         metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
-        if plan.capex is not None:
-            metrics.capex_cost(m, plan.capex, self._tdp_w())
-        else:
-            metrics.hourly_cost(m, plan.price_usd_per_hour, "hourly price (--price-usd-per-hour)", missing_price)
+        cost.apply(m, plan.cost, self._tdp_w(), missing_price)
         metrics.goodput(m, main.records, plan.slo, main.window_ns)
         if report is not None:
             result.engine_metrics = dict(report.engine_metrics)

@@ -55,12 +55,24 @@ def test_price_gives_cost(db_url: str) -> None:
     assert "random" in proc.stdout
 
 
+def test_hardware_prices_lists_dated_sourced_rows() -> None:
+    rows = json.loads(run_cli("hardware", "prices", "--accelerator", "H100 SXM", "--json", check=True).stdout)
+    assert rows and all(r["accelerator"] == "H100 SXM" and r["as_of"] and r["source"] for r in rows)
+    table = run_cli("hardware", "prices", check=True).stdout
+    assert "aws-capacity-block:p5.48xlarge" in table and "2024-12" in table
+
+
 @pytest.mark.parametrize("args,message", [
     (["--backend", "torch_mo"], "unknown backend 'torch_mo' — did you mean 'torch_moe'?"),
     (["--task", "arth"], "unknown task 'arth' — did you mean 'arith'?"),
     (["--model", "tiny-mo"], "unknown model 'tiny-mo' — did you mean 'tiny-moe'?"),
     (["--concurrency", "0"], "--concurrency '0' needs integers >= 1"),
     (["--backend-option", "dtype"], "option 'dtype' is malformed: write KEY=VALUE"),
+    (["--price-usd-per-hour", "1", "--cost-preset", "moe-cap"],
+     "give one cost model, not --price-usd-per-hour and --cost-preset"),
+    (["--backend", "torch_moe", "--price-from", "runpod:h100-sxm"],
+     "price row 'runpod:h100-sxm' prices H100 SXM GPUs, and this machine has none"),
+    (["--backend", "torch_moe", "--cost-preset", "moe-cap"], "the moe-cap cost preset prices GPU servers"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, db_url: str) -> None:
     proc = run_cli("run", "--db", db_url, *args)

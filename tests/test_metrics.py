@@ -118,15 +118,6 @@ def test_s_mbu_is_null_with_reason_without_peaks() -> None:
     assert m.s_mbu is None and "peak memory bandwidth" in m.notes["s_mbu"]
 
 
-def test_cost_per_million_tokens() -> None:
-    m = Metrics(output_tok_per_s=1000.0, total_tok_per_s=4000.0)
-    metrics.hourly_cost(m, 3.6, "hourly price", "unused")
-    assert m.cost_usd_per_mtok == pytest.approx(1.0) and m.cost_usd_per_mtok_all == pytest.approx(0.25)
-    m2 = Metrics(output_tok_per_s=1000.0)
-    metrics.hourly_cost(m2, None, "hourly price", "no price known")
-    assert m2.cost_usd_per_mtok is None and m2.notes["cost_usd_per_mtok"] == "no price known"
-
-
 def test_energy_per_token() -> None:
     m = Metrics(output_tokens_total=500)
     metrics.energy(m, 100.0, "RAPL", "")
@@ -152,22 +143,6 @@ def test_conventions_recompute_from_raw_timestamps() -> None:
     r.token_count_source = "tokenizer"
     assert recompute(result, "sglang")["tpot_ms_p50"] == pytest.approx(40 / 9)  # falls back to max_tokens
     assert recompute(result, "vllm")["itl_ms_p50"] == 10
-
-
-def test_capex_cost_model_and_its_power_sources() -> None:
-    c = metrics.Capex(hardware_price_usd=26298.0, life_years=3.0, usd_per_kwh=0.1)
-    m = Metrics(output_tok_per_s=1000.0, energy_j=3600.0, duration_s=10.0)
-    metrics.capex_cost(m, c, tdp_w=700.0)
-    hourly = 26298.0 / (3 * 8766) + 0.360 * 0.1  # measured mean power 360 W wins over the TDP
-    assert m.price_usd_per_hour == pytest.approx(hourly)
-    assert m.cost_usd_per_mtok == pytest.approx(hourly / 3.6)
-    assert "measured mean power" in str(m.cost_model)
-    m2 = Metrics(output_tok_per_s=1000.0)
-    metrics.capex_cost(m2, c, tdp_w=700.0)
-    assert "datasheet TDP (estimate, not measured)" in str(m2.cost_model)
-    m3 = Metrics(output_tok_per_s=1000.0)
-    metrics.capex_cost(m3, c, tdp_w=None)
-    assert m3.price_usd_per_hour == pytest.approx(26298.0 / (3 * 8766)) and "left out" in str(m3.cost_model)
 
 
 def test_nvml_meter_without_nvml_gives_a_reason() -> None:
