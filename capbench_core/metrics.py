@@ -155,6 +155,30 @@ def accuracy(m: Metrics, records: Sequence[RequestRecord], metric: str | None) -
 
 
 @dataclass(frozen=True)
+class ExternalScore:
+    """Accuracy measured by an outside harness (lm-eval) on the same deployment, or why it is missing."""
+
+    source: str
+    scores: dict[str, float]
+    n: int
+    error: str = ""
+
+
+def external_accuracy(m: Metrics, ext: ExternalScore) -> None:
+    """The harness's first metric becomes `accuracy` (all of them in accuracy_by_metric); the Wilson
+    interval treats it as a share of n per-sample 0/1 verdicts, which holds for exact match and acc."""
+    if ext.error or not ext.scores:
+        m.notes["accuracy"] = ext.error or f"{ext.source} reported no metric"
+        return
+    metric, value = next(iter(ext.scores.items()))
+    m.accuracy, m.accuracy_metric, m.accuracy_by_metric = value, metric, dict(ext.scores)
+    m.accuracy_n = ext.n or None
+    if ext.n and 0.0 <= value <= 1.0:
+        m.accuracy_ci95_low, m.accuracy_ci95_high = wilson_interval(round(value * ext.n), ext.n)
+    m.notes["accuracy"] = f"scored by {ext.source} against the measured server"
+
+
+@dataclass(frozen=True)
 class StepCost:
     bytes: float
     flops: float

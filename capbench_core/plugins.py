@@ -85,6 +85,14 @@ class TaskRegistry(Registry["Task"]):
     def add_task(self, task: Task) -> None:
         self._add(task.name, task)
 
+    def get(self, name: str) -> Task:
+        """`family:variant` names (``lm-eval:gsm8k``) go to the family's ``variant(name)``."""
+        family, sep, variant = name.partition(":")
+        if sep and family in self.names() and hasattr(super().get(family), "variant"):
+            task: Task = super().get(family).variant(variant)  # type: ignore[attr-defined]
+            return task
+        return super().get(name)
+
 
 class ModelRegistry(Registry["ModelRef"]):
     def add_model(self, model: ModelRef) -> None:

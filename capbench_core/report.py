@@ -31,7 +31,9 @@ def _accuracy(r: RunResult) -> str:
     m = r.metrics
     if m.accuracy is None:
         return DASH
-    return f"{m.accuracy:.3f} [{m.accuracy_ci95_low:.2f},{m.accuracy_ci95_high:.2f}] n={m.accuracy_n}"
+    interval = ("" if m.accuracy_ci95_low is None or m.accuracy_ci95_high is None
+                else f" [{m.accuracy_ci95_low:.2f},{m.accuracy_ci95_high:.2f}]")
+    return f"{m.accuracy:.3f}{interval}" + (f" n={m.accuracy_n}" if m.accuracy_n else "")
 
 
 def _experts(r: RunResult) -> str:

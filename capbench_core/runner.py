@@ -107,6 +107,7 @@ class Runner:
     def __init__(self, pm: PluginManager, store: Store, hardware: HardwareSpec, reporter: Reporter):
         self.pm, self.store, self.hardware, self.reporter = pm, store, hardware, reporter
         self.sha = git_sha()
+        self._external: metrics.ExternalScore | None = None
 
     def run(self, plan: RunPlan) -> list[RunResult]:
         spec = spec_from_path(plan.model.path, plan.model.name)
@@ -163,6 +164,7 @@ class Runner:
         done: list[RunResult] = []
         try:
             with backend.start(plan.model, self.hardware, options) as session:
+                self._external = self._score_externally(plan, session)
                 dtype = str(session.engine.launch_args.get("weight_dtype", "float32"))
                 for level in plan.levels:
                     result = self._base_result(backend.name, plan, spec, workload, level, dtype)
@@ -173,6 +175,23 @@ class Runner:
             pending = self._base_result(backend.name, plan, spec, workload, level, "unknown")
             done.append(self._finish(pending, "failed", f"{backend.name} failed: {exc}"))
         return done
+
+    def _score_externally(self, plan: RunPlan, session: Session) -> metrics.ExternalScore | None:
+        """Tasks with an outside scorer (lm-eval) score the started server once, before the load."""
+        evaluate = getattr(plan.task, "evaluate", None)
+        if evaluate is None:
+            return None
+        source = f"lm-eval {getattr(plan.task, 'task', plan.task.name)}"
+        base_url, served = getattr(session, "base_url", None), getattr(session, "model", None)
+        if not base_url or not served:
+            return metrics.ExternalScore(source, {}, 0, f"{source} needs a backend with an OpenAI-compatible "
+                                                        f"endpoint (llamacpp_server, vllm, sglang, openai)")
+        self.reporter.note(f"{source}: scoring {base_url} before the load…")
+        try:
+            scores, n = evaluate(base_url, served, plan.model, plan.task_options)
+        except CapbenchError as exc:
+            return metrics.ExternalScore(source, {}, 0, str(exc))
+        return metrics.ExternalScore(source, scores, n)
 
     def _measure(self, session: Session, result: RunResult, plan: RunPlan, spec: ModelSpec,
                  workload: Workload, level: Level, dtype: str) -> RunResult:
@@ -227,6 +246,8 @@ class Runner:
         records = warm.records + main.records
         m: Metrics = metrics.latency_and_throughput(records, main.window_ns)
         metrics.accuracy(m, records, workload.scoring.metric if workload.scoring else None)
+        if self._external is not None:
+            metrics.external_accuracy(m, self._external)
         activation = session.expert_activation(main.start_ns)
         if activation is not None:
             steps = [s for s in activation.steps if s.started_ns <= main.end_ns]

@@ -19,6 +19,6 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   echo "                this compiles llama.cpp from source (about 15-20 min on 2 cores; cached afterwards)"
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
-echo "capbench setup: installing capbench and its extras (torch, llamacpp, test)"
-pip install -e ".[torch,llamacpp,test]"
+echo "capbench setup: installing capbench and its extras (torch, llamacpp, lmeval, test)"
+pip install -e ".[torch,llamacpp,lmeval,test]"
 echo "capbench setup: done (.venv/bin/capbench)"

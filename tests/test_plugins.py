@@ -119,7 +119,7 @@ def test_unknown_names_suggest_the_closest() -> None:
     pm = PluginManager().collect()
     with pytest.raises(CapbenchError, match="unknown backend 'torch_mo' — did you mean 'torch_moe'"):
         pm.backends.get("torch_mo")
-    with pytest.raises(CapbenchError, match="Available: arith, gsm8k, mmlu, random"):
+    with pytest.raises(CapbenchError, match="Available: arith, gsm8k, lm-eval, mmlu, random"):
         pm.tasks.get("gsm9k")
 
 

@@ -1,5 +1,6 @@
 """Built-in tasks: `arith` (the tiny MoE's task), `random` (synthetic lengths), and the
-file-based accuracy tasks `gsm8k` and `mmlu` (`--task gsm8k --data FILE`)."""
+file-based accuracy tasks `gsm8k` and `mmlu` (`--task gsm8k --data FILE`), and
+`lm-eval:<task>`, lm-evaluation-harness run against the measured server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from capbench_core.plugins import TaskRegistry
 @hookimpl
 def register_tasks(register: TaskRegistry) -> None:
     from capbench_tasks.files import GSM8KTask, MMLUTask
+    from capbench_tasks.lm_eval_bridge import LmEvalTask
     from capbench_tasks.tasks import ArithTask, RandomTask
 
-    for task in (ArithTask(), RandomTask(), GSM8KTask(), MMLUTask()):
+    for task in (ArithTask(), RandomTask(), GSM8KTask(), MMLUTask(), LmEvalTask()):
         register.add_task(task)
