@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,27 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     if check and proc.returncode != 0:
         raise AssertionError(f"capbench {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A real PostgreSQL server for this test session (see tests/postgres.py)."""
+    from tests import postgres
+
+    if postgres.bindir() is None:
+        message = f"PostgreSQL is not installed: {postgres.INSTALL_HINT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with postgres.server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store suite runs on both: a SQLite file, and a new database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    from tests import postgres
+
+    return postgres.new_database(request.getfixturevalue("pg_admin_url"))

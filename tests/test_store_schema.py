@@ -54,47 +54,114 @@ def test_a_result_validates_against_the_committed_schema() -> None:
     assert doc["schema_version"] == SCHEMA_VERSION
 
 
-def test_store_roundtrip_and_idempotence(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    store = Store(url)
+def test_store_roundtrip_and_idempotence(store_url: str) -> None:
+    store = Store(store_url)
     result = make_result(ttft_ms_p50=12.5, accuracy=0.9)
     assert store.save(result) is True
     assert store.save(result) is False
-    again = Store(url)  # reopening migrates nothing and keeps the data
+    again = Store(store_url)  # reopening migrates nothing and keeps the data
     [back] = again.runs()
     assert back == result and again.get(result.run_id) == result
-    with create_engine(url).connect() as conn:
-        row = conn.execute(text("select ttft_ms_p50, accuracy, s_mbu, status from runs")).one()
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        row = conn.execute(text("select ttft_ms_p50, accuracy, s_mbu, status, origin from runs")).one()
         version = conn.execute(text("select version_num from alembic_version")).scalar()
-    assert tuple(row) == (12.5, 0.9, None, "complete")
-    assert version == "0001"
+    engine.dispose()
+    assert tuple(row) == (12.5, 0.9, None, "complete", "local")
+    assert version == HEAD
 
 
-def test_partial_result_can_be_completed_under_the_same_id(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+def test_partial_result_can_be_completed_under_the_same_id(store_url: str) -> None:
+    store = Store(store_url)
     partial = make_result()
     partial.status = "partial"
-    store.save(partial)
+    assert store.save(partial)
     partial.status = "complete"
-    store.save(partial)
-    assert [r.status for r in store.runs()] == ["complete"]
+    assert store.save(partial)
+    assert [r.status for r in store.runs()] == ["complete"] and store.count() == 1
 
 
-def test_filters(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+def test_filters(store_url: str) -> None:
+    store = Store(store_url)
     store.save(make_result("00000000-0000-0000-0000-000000000001"))
     other = make_result("00000000-0000-0000-0000-000000000002")
     other.backend = "llamacpp"
+    other.hardware.fingerprint = "ab%_cd"
     store.save(other)
     assert [r.backend for r in store.runs(backend="llamacpp")] == ["llamacpp"]
     assert store.runs(model="nope") == []
+    assert [r.backend for r in store.runs(hardware="ab%")] == ["llamacpp"]
+    assert store.runs(hardware="a%") == []  # a prefix, not a pattern
 
 
-def test_schema_has_indexed_columns(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    Store(url)
-    indexes = {i["name"] for i in inspect(create_engine(url)).get_indexes("runs")}
+def test_imports_are_added_once_and_conflicts_keep_the_stored_run(store_url: str) -> None:
+    store = Store(store_url)
+    result = make_result(ttft_ms_p50=1.0)
+    assert store.add_imported(result, "a.json") == "added"
+    assert store.add_imported(result, "b.json") == "duplicate"
+    changed = result.model_copy(deep=True)
+    changed.metrics.ttft_ms_p50 = 2.0
+    assert store.add_imported(changed, "c.json") == "conflict"
+    assert store.count() == 1 and store.get(result.run_id) == result
+
+
+def test_schema_has_indexed_columns(store_url: str) -> None:
+    Store(store_url)
+    engine = create_engine(store_url)
+    indexes = {i["name"] for i in inspect(engine).get_indexes("runs")}
+    engine.dispose()
     assert {"ix_runs_group", "ix_runs_started_at"} <= indexes
+
+
+def _alembic(url: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from capbench_core.store import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision) if revision != "base" else command.downgrade(cfg, revision)
+    engine.dispose()
+
+
+def _revisions() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    from capbench_core.store import MIGRATIONS
+
+    return [s.revision for s in reversed(list(ScriptDirectory(str(MIGRATIONS)).walk_revisions()))]
+
+
+HEAD = _revisions()[-1]
+
+
+@pytest.mark.parametrize("start", _revisions()[:-1])
+def test_migrates_from_every_revision_keeping_the_runs(store_url: str, start: str) -> None:
+    """A database left at any earlier revision, holding a run, opens at head with the run intact."""
+    _alembic(store_url, start)
+    result = make_result(ttft_ms_p50=3.0)
+    result.workload.rate_rps = 2.5
+    engine = create_engine(store_url)
+    with engine.begin() as conn:  # a row as that revision's code wrote it: only the 0001 columns
+        conn.execute(text(
+            "insert into runs (run_id, content_hash, schema_version, started_at, status, backend, model, task, "
+            "workload_hash, concurrency, hardware_fingerprint, ttft_ms_p50, result_json) values "
+            "(:id, :hash, 1, :at, 'complete', 'torch_moe', 'm', 'arith', 'h', 1, 'fp', 3.0, :json)"),
+            {"id": result.run_id, "hash": result.content_hash(), "at": result.started_at,
+             "json": result.model_dump_json()})
+    engine.dispose()
+    store = Store(store_url)
+    assert store.runs() == [result]
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        row = conn.execute(text("select capbench_version, rate_rps, origin from runs")).one()
+        version = conn.execute(text("select version_num from alembic_version")).scalar()
+    engine.dispose()
+    assert tuple(row) == ("0.1.0", 2.5, "local") and version == HEAD
 
 
 def test_bad_urls_are_clear(tmp_path: Path) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from capbench_core.errors import CapbenchError
@@ -56,47 +58,73 @@ class Store:
         self.migrate()
 
     def migrate(self) -> None:
-        """Bring the schema to the newest alembic revision (no-op when current)."""
+        """Bring the schema to the newest alembic revision (no-op when current).
+
+        Several processes may open a new database at once (parallel runs, importers):
+        PostgreSQL serialises them with an advisory lock, SQLite with a lock file beside
+        the database, so exactly one of them creates the tables.
+        """
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         try:
-            with self.engine.begin() as conn:
+            with _migration_lock(self.engine), self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(4242010)"))
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
-        except OperationalError as exc:
+        except (OperationalError, DBAPIError) as exc:
             raise CapbenchError(f"cannot open database {self.url!r}: {exc.orig}") from None
+        except OSError as exc:
+            raise CapbenchError(f"cannot open database {self.url!r}: {exc.strerror}: {exc.filename}") from None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with Session(self.engine) as s, s.begin():
             yield s
 
+    def _insert(self) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(RunRow)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(RunRow)
+
     def save(self, result: RunResult) -> bool:
-        """Insert or update by run id; returns False when identical content was already stored."""
-        digest = result.content_hash()
-        m = result.metrics
-        row = RunRow(
-            run_id=result.run_id, content_hash=digest, schema_version=result.schema_version,
-            started_at=result.started_at, status=result.status, backend=result.backend,
-            engine_version=result.engine.version if result.engine else None, model=result.model.name,
-            task=result.workload.task, workload_hash=result.workload.hash,
-            concurrency=result.workload.concurrency, hardware_fingerprint=result.hardware.fingerprint,
-            ttft_ms_p50=m.ttft_ms_p50, tpot_ms_p50=m.tpot_ms_p50, output_tok_per_s=m.output_tok_per_s,
-            accuracy=m.accuracy, s_mbu=m.s_mbu, s_mfu=m.s_mfu, cost_usd_per_mtok=m.cost_usd_per_mtok,
-            energy_j_per_output_token=m.energy_j_per_output_token, result_json=result.model_dump_json())
+        """Insert, or update the row of the same run id (a partial run completed); returns False when
+        identical content was already stored. One statement, so concurrent writers cannot collide."""
+        values = _row_values(result)
+        stmt = self._insert().values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[RunRow.run_id], set_={k: v for k, v in values.items() if k != "run_id"},
+            where=RunRow.content_hash != stmt.excluded.content_hash)
         with self.session() as s:
-            if s.scalar(select(RunRow.run_id).where(RunRow.content_hash == digest)):
+            if s.scalar(select(RunRow.run_id).where(RunRow.content_hash == values["content_hash"])):
                 return False
-            s.merge(row)
-        return True
+            return s.scalar(stmt.returning(RunRow.run_id)) is not None
+
+    def add_imported(self, result: RunResult, source: str) -> str:
+        """Store a submitted run unless it is there already: 'added', 'duplicate' (same content), or
+        'conflict' (a different result under the same run id, which is kept as it was)."""
+        values = {**_row_values(result), "origin": "import", "imported_from": source[-512:],
+                  "imported_at": datetime.now(timezone.utc)}
+        with self.session() as s:
+            stmt = self._insert().values(**values).on_conflict_do_nothing().returning(RunRow.run_id)
+            if s.scalar(stmt) is not None:
+                return "added"
+            same = s.scalar(select(RunRow.run_id).where(RunRow.content_hash == values["content_hash"]))
+        return "duplicate" if same else "conflict"
 
     def runs(self, model: str | None = None, backend: str | None = None, task: str | None = None,
-             limit: int | None = None) -> list[RunResult]:
-        """Stored runs, newest first, optionally filtered."""
-        query = select(RunRow.result_json).order_by(RunRow.started_at.desc())
+             limit: int | None = None, hardware: str | None = None) -> list[RunResult]:
+        """Stored runs, newest first, optionally filtered (``hardware``: a fingerprint or its prefix)."""
+        query = select(RunRow.result_json).order_by(RunRow.started_at.desc(), RunRow.run_id)
+        if hardware:
+            query = query.where(RunRow.hardware_fingerprint.startswith(hardware, autoescape=True))
         if model:
             query = query.where(RunRow.model == model)
         if backend:
@@ -108,7 +136,41 @@ class Store:
         with self.session() as s:
             return [RunResult.model_validate_json(text) for text in s.scalars(query)]
 
+    def count(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(RunRow)) or 0)
+
     def get(self, run_id: str) -> RunResult | None:
         with self.session() as s:
             text = s.scalar(select(RunRow.result_json).where(RunRow.run_id == run_id))
         return RunResult.model_validate_json(text) if text else None
+
+
+def _row_values(result: RunResult) -> dict[str, Any]:
+    m, w = result.metrics, result.workload
+    return dict(
+        run_id=result.run_id, content_hash=result.content_hash(), schema_version=result.schema_version,
+        started_at=result.started_at, status=result.status, backend=result.backend,
+        engine_version=result.engine.version if result.engine else None, model=result.model.name,
+        task=w.task, workload_hash=w.hash, concurrency=w.concurrency, rate_rps=w.rate_rps,
+        hardware_fingerprint=result.hardware.fingerprint, capbench_version=result.capbench_version[:32],
+        ttft_ms_p50=m.ttft_ms_p50, tpot_ms_p50=m.tpot_ms_p50, output_tok_per_s=m.output_tok_per_s,
+        accuracy=m.accuracy, s_mbu=m.s_mbu, s_mfu=m.s_mfu, cost_usd_per_mtok=m.cost_usd_per_mtok,
+        energy_j_per_output_token=m.energy_j_per_output_token, result_json=result.model_dump_json())
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock file beside a SQLite database while it migrates (no-op for other databases)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -36,6 +36,11 @@ class RunRow(Base):
     cost_usd_per_mtok: Mapped[float | None] = mapped_column(Float)
     energy_j_per_output_token: Mapped[float | None] = mapped_column(Float)
     result_json: Mapped[str] = mapped_column(Text)
+    capbench_version: Mapped[str] = mapped_column(String(32), server_default="unknown")
+    rate_rps: Mapped[float | None] = mapped_column(Float)
+    origin: Mapped[str] = mapped_column(String(16), server_default="local")
+    imported_from: Mapped[str | None] = mapped_column(String(512))
+    imported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_runs_group", "hardware_fingerprint", "model", "task"),
