@@ -313,23 +313,31 @@ def _progress_reporter(console: Any) -> Any:
 @click.option("--model", default=None, help="Only runs of this model.")
 @click.option("--backend", default=None, help="Only runs of this backend.")
 @click.option("--task", default=None, help="Only runs of this task.")
+@click.option("--hardware", default=None, metavar="FINGERPRINT",
+              help="Only runs on this hardware (a fingerprint or its first characters; see `capbench hardware show`).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest N runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of tables.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows instead of tables.")
 @click.option("--convention", type=click.Choice(["capbench", "vllm", "sglang", "guidellm", "llmperf"]),
               default=None, help="Recompute TTFT/TPOT/ITL from the raw timestamps under a peer's definitions.")
-def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, limit: int,
-            as_json: bool, convention: str | None) -> None:
-    """Show stored runs as CAP tables, one table per (hardware, model, task)."""
-    from capbench_core.report import print_convention, print_results, results_json
+def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, hardware: str | None,
+            limit: int, as_json: bool, as_csv: bool, convention: str | None) -> None:
+    """Show stored runs as CAP tables, one table per (hardware, model, task, workload)."""
+    from capbench_core.report import print_convention, print_results, results_csv, results_json
     from capbench_core.store import Store
 
+    if as_json and as_csv:
+        raise CapbenchError("give --json or --csv, not both")
     store = Store(db_url)
-    results = store.runs(model=model, backend=backend, task=task, limit=limit)
+    results = store.runs(model=model, backend=backend, task=task, limit=limit, hardware=hardware)
     if convention:
         print_convention(_console(), list(reversed(results)), convention, as_json)
         return
     if as_json:
         click.echo(json.dumps(results_json(results), indent=2))
+        return
+    if as_csv:
+        click.echo(results_csv(results), nl=False)
         return
     if not results:
         click.echo(f"no runs stored in {store.url} yet: try `capbench run`")
@@ -368,6 +376,73 @@ def plugins(as_json: bool) -> None:
     for name, b in backends.items():
         table.add_row(Text(name), Text(b["plugin"]), "yes" if b["available"] else "no", Text(b["reason"] or ""))
     console.print(table)
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--all", "export_all", is_flag=True, help="Export every stored run.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Bundle file to write (JSON).")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+def export(run_ids: tuple[str, ...], export_all: bool, out: Path, db_url: str | None) -> None:
+    """Write stored runs to a result bundle (JSON with a content hash per run) for `capbench db import`."""
+    from capbench_core import bundle
+    from capbench_core.store import Store
+
+    if export_all == bool(run_ids):
+        raise CapbenchError("name the runs to export (RUN_ID...) or pass --all; `capbench compare --json` "
+                            "lists run ids")
+    store = Store(db_url)
+    if export_all:
+        results = list(reversed(store.runs()))
+    else:
+        results = []
+        for run_id in run_ids:
+            found = store.get(run_id)
+            if found is None:
+                raise CapbenchError(f"no run {run_id!r} in {store.url}: `capbench compare --json` lists run ids")
+            results.append(found)
+    if not results:
+        raise CapbenchError(f"no runs stored in {store.url} yet: nothing to export")
+    bundle.write(results, out)
+    click.echo(f"wrote {len(results)} run(s) to {out}")
+
+
+@cli.group()
+def db() -> None:
+    """The results database: import submitted bundles, migrate."""
+
+
+@db.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+def import_bundles(files: tuple[Path, ...], db_url: str | None) -> None:
+    """Validate result bundles against schemas/ and add their runs once; a bad file changes nothing.
+
+    Exits 1 when any file was rejected (the others are still imported).
+    """
+    from capbench_core import bundle
+    from capbench_core.store import Store
+
+    report = bundle.import_files(Store(db_url), list(files))
+    for rejected in report.rejected:
+        click.echo(f"rejected {rejected}", err=True)
+    for conflict in report.conflicts:
+        click.echo(f"conflict {conflict}", err=True)
+    click.echo(f"{report.files_ok} file(s) accepted, {len(report.rejected)} rejected; runs: {report.added} added, "
+               f"{report.duplicate} already stored, {len(report.conflicts)} conflicting")
+    if report.rejected or report.conflicts:
+        sys.exit(1)
+
+
+@db.command("upgrade")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+def upgrade_db(db_url: str | None) -> None:
+    """Migrate the database to the newest schema (every command does this on open; this does only that)."""
+    from capbench_core.store import Store
+
+    store = Store(db_url)
+    click.echo(f"{store.url}: schema is current ({store.count()} runs)")
 
 
 @cli.group()

@@ -79,7 +79,7 @@ def cap_table(results: Sequence[RunResult], title: str | None = None) -> Table:
     columns = list(COLUMNS)
     if any(r.metrics.server_ttft_ms_mean is not None for r in results):
         columns[5:5] = SERVER_COLUMNS
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")
     for header, _ in columns:
         table.add_column(header, justify="left" if header in ("backend", "status") else "right")
     for r in results:
@@ -101,14 +101,36 @@ def null_reasons(results: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+def group_runs(results: Sequence[RunResult]) -> dict[tuple[str, str, str, str], list[RunResult]]:
+    """Runs that may be compared side by side: same hardware fingerprint, model, task and workload."""
+    groups: dict[tuple[str, str, str, str], list[RunResult]] = {}
+    for r in results:
+        key = (r.hardware.fingerprint, r.model.name, r.workload.task, r.workload.hash)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def results_csv(results: Sequence[RunResult]) -> str:
+    """`compare --csv`: the --json rows, nested fields as JSON text."""
+    import csv
+    import io
+    import json
+
+    rows = results_json(results)
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    return out.getvalue()
+
+
 def print_results(console: Console, results: Sequence[RunResult]) -> None:
     """The CAP table, grouped by (hardware, model, task), then the reasons for empty cells."""
-    groups: dict[tuple[str, str, str], list[RunResult]] = {}
-    for r in results:
-        groups.setdefault((r.hardware.fingerprint, r.model.name, r.workload.task), []).append(r)
-    for (fp, model, task), rows in groups.items():
+    for (fp, model, task, workload), rows in group_runs(results).items():
         hw = rows[0].hardware
-        title = (f"CAP — model {model}, task {task}, hardware {hw.label()} [{fp}]  "
+        title = (f"CAP — model {model}, task {task} (workload {workload}), hardware {hw.label()} [{fp}]  "
                  f"(peak {_fmt(hw.peak_mem_bw_gbps.value, '.1f')} GB/s, {hw.peak_mem_bw_gbps.source})")
         console.print(cap_table(rows, title=title))
         for line in null_reasons(rows):
@@ -119,7 +141,8 @@ def results_json(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """Rows for `compare --json`: identity plus every aggregate metric."""
     return [{"run_id": r.run_id, "started_at": r.started_at.isoformat(), "status": r.status,
              "backend": r.backend, "model": r.model.name, "task": r.workload.task,
-             "concurrency": r.workload.concurrency, "hardware_fingerprint": r.hardware.fingerprint,
+             "workload_hash": r.workload.hash, "concurrency": r.workload.concurrency,
+             "rate_rps": r.workload.rate_rps, "hardware_fingerprint": r.hardware.fingerprint,
              "engine_version": r.engine.version if r.engine else None,
              **r.metrics.model_dump(mode="json")} for r in results]
 

@@ -89,7 +89,7 @@ def pg_admin_url() -> Iterator[str]:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The store suite runs on both: a SQLite file, and a new database on a real PostgreSQL server."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'results.db'}"
+        return f"sqlite:///{tmp_path / 'store.db'}"
     from tests import postgres
 
     return postgres.new_database(request.getfixturevalue("pg_admin_url"))
