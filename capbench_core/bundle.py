@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -112,6 +113,8 @@ def _check_run(path: str, i: int, entry: Any) -> RunResult:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise Rejected(path, f"{at}.result.{_path(first['loc'])}", first["msg"]) from None
+    if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z-]{0,35}", result.run_id):
+        raise Rejected(path, f"{at}.result.run_id", "must be letters, digits and '-' (a UUID), at most 36")
     hw = result.hardware
     expected = fingerprint(hw.devices, hw.cpu_model, hw.host_memory_bytes)
     if hw.fingerprint != expected:

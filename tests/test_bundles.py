@@ -166,3 +166,9 @@ def test_concurrent_runs_on_one_sqlite_file_lose_nothing(db_url: str) -> None:
     assert all(p.returncode == 0 for p in procs), outputs
     runs = Store(db_url).runs()
     assert len(runs) == 6 and all(r.status == "complete" for r in runs)
+
+
+def test_a_run_id_that_is_not_an_id_is_rejected(tmp_path: Path) -> None:
+    path = _bundle(tmp_path, "id.json", [result("cpu", "torch_moe", 1)], _rehash(_set("run_id", value="../../x")))
+    with pytest.raises(bundle.Rejected, match=r"runs.0.result.run_id: must be letters, digits and '-'"):
+        bundle.read(path)

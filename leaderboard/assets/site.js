@@ -1,0 +1,28 @@
+// Sortable tables: click a header to sort by that column; numeric columns sort by data-v (empty last).
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var heads = table.querySelectorAll("thead th");
+  heads.forEach(function (th, index) {
+    th.addEventListener("click", function () {
+      var numeric = th.dataset.type === "num";
+      var ascending = th.getAttribute("aria-sort") !== "ascending";
+      heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      function key(row) {
+        var cell = row.cells[index];
+        var raw = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent.trim();
+        if (!numeric) { return raw.toLowerCase(); }
+        return raw === "" ? null : parseFloat(raw);
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (x === null || y === null) { return x === y ? 0 : (x === null ? 1 : -1); }
+        if (x < y) { return ascending ? -1 : 1; }
+        if (x > y) { return ascending ? 1 : -1; }
+        return 0;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});

@@ -1,0 +1,194 @@
+"""Chart geometry for the leaderboard: CAP radars and throughput-latency scatter with its Pareto front.
+
+Only numbers are computed here; the templates draw them as inline SVG (escaped
+like every other field), so the site needs no chart library and no network.
+
+CAP radar normalisation (docs/leaderboard.md): each system is shown at its
+highest-throughput load level. On every axis the systems of one table are
+scaled min-max onto 20-100 — 100 for the best, 20 for the worst, reversed for
+lower-is-better axes (TTFT, cost) — so that the worst system still draws a
+visible shape; an axis where all systems tie puts them all at 100; a metric a
+run did not measure is drawn at 0 and labelled n/a. Scores compare the systems
+of one table only, never across tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from capbench_core.report import load_label
+from capbench_core.results import Metrics, RunResult
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+FLOOR = 20.0
+
+
+@dataclass(frozen=True)
+class Axis:
+    label: str
+    value: Callable[[Metrics], float | None]
+    higher_is_better: bool
+    fmt: str
+
+
+AXES = [
+    Axis("accuracy", lambda m: m.accuracy, True, ".3f"),
+    Axis("out tok/s", lambda m: m.output_tok_per_s, True, ".1f"),
+    Axis("TTFT p50 ms", lambda m: m.ttft_ms_p50, False, ".1f"),
+    Axis("$/Mtok", lambda m: m.cost_usd_per_mtok, False, ".3g"),
+    Axis("S-MBU", lambda m: m.s_mbu, True, ".3f"),
+    Axis("S-MFU", lambda m: m.s_mfu, True, ".3f"),
+]
+
+
+def normalise(values: Sequence[float | None], higher_is_better: bool) -> list[float]:
+    """Min-max onto FLOOR..100 (reversed when lower is better); None -> 0; all equal -> 100."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return [0.0 for _ in values]
+    low, high = min(known), max(known)
+    scores = []
+    for v in values:
+        if v is None:
+            scores.append(0.0)
+        elif high == low:
+            scores.append(100.0)
+        else:
+            share = (v - low) / (high - low)
+            scores.append(FLOOR + (100 - FLOOR) * (share if higher_is_better else 1 - share))
+    return scores
+
+
+@dataclass(frozen=True)
+class RadarSystem:
+    name: str
+    load: str
+    color: str
+    points: str  # SVG polygon points
+    cells: list[tuple[str, str, float]]  # (axis, raw value shown, score 0..100)
+
+
+@dataclass(frozen=True)
+class Radar:
+    size: int
+    center: float
+    radius: float
+    axes: list[tuple[str, float, float, float, float]]  # label, end x, end y, label x, label y
+    rings: list[str]
+    systems: list[RadarSystem]
+
+
+def _best_run(runs: Sequence[RunResult]) -> RunResult:
+    return max(runs, key=lambda r: r.metrics.output_tok_per_s or -1.0)
+
+
+def radar(runs: Sequence[RunResult], size: int = 260) -> Radar | None:
+    by_system: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_system.setdefault(r.backend, []).append(r)
+    if not by_system:
+        return None
+    chosen = [(name, _best_run(rs)) for name, rs in sorted(by_system.items())]
+    c, radius, n = size / 2, size / 2 - 42, len(AXES)
+    angles = [-math.pi / 2 + 2 * math.pi * i / n for i in range(n)]
+
+    def at(score: float, angle: float, scale: float = 1.0) -> tuple[float, float]:
+        return (round(c + radius * scale * score / 100 * math.cos(angle), 1),
+                round(c + radius * scale * score / 100 * math.sin(angle), 1))
+
+    axes = [(axis.label, *at(100, a), *at(100, a, 1.22)) for axis, a in zip(AXES, angles)]
+    rings = [" ".join(f"{x},{y}" for x, y in (at(level, a) for a in angles)) for level in (FLOOR, 60.0, 100.0)]
+    columns = [normalise([axis.value(r.metrics) for _, r in chosen], axis.higher_is_better) for axis in AXES]
+    systems = []
+    for i, (name, run) in enumerate(chosen):
+        scores = [col[i] for col in columns]
+        cells = [(axis.label, "n/a" if axis.value(run.metrics) is None else format(axis.value(run.metrics), axis.fmt),
+                  round(score, 1)) for axis, score in zip(AXES, scores)]
+        points = " ".join(f"{x},{y}" for x, y in (at(s, a) for s, a in zip(scores, angles)))
+        systems.append(RadarSystem(name, load_label(run), PALETTE[i % len(PALETTE)], points, cells))
+    return Radar(size, c, radius, axes, rings, systems)
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float  # SVG coordinates
+    y: float
+    latency_ms: float
+    tok_per_s: float
+    label: str
+    pareto: bool
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    color: str
+    points: list[Point]
+    path: str
+
+
+@dataclass(frozen=True)
+class Scatter:
+    width: int
+    height: int
+    plot: tuple[float, float, float, float]  # left, top, right, bottom
+    x_ticks: list[tuple[float, str]]
+    y_ticks: list[tuple[float, str]]
+    series: list[Series]
+    front: str  # SVG polyline points through the Pareto-optimal points
+    skipped: list[str]
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (latency, throughput) pairs: True where no other point is at least as fast and at least as
+    productive, and strictly better in one of the two."""
+    flags = []
+    for i, (lat, tput) in enumerate(points):
+        dominated = any(j != i and o_lat <= lat and o_tput >= tput and (o_lat < lat or o_tput > tput)
+                        for j, (o_lat, o_tput) in enumerate(points))
+        flags.append(not dominated)
+    return flags
+
+
+def _ticks(high: float, count: int = 5) -> list[float]:
+    step = 10 ** math.floor(math.log10(high / count)) if high > 0 else 1.0
+    for mult in (1, 2, 2.5, 5, 10):
+        if high / (step * mult) <= count:
+            step *= mult
+            break
+    return [step * i for i in range(math.ceil(high / step - 1e-9) + 1)]
+
+
+def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int = 340) -> Scatter | None:
+    """One point per load level (x: TPOT p50 ms, y: output tok/s), a line per system, Pareto front marked."""
+    plotted = [r for r in runs if r.metrics.tpot_ms_p50 is not None and r.metrics.output_tok_per_s is not None]
+    skipped = [f"{r.backend} {load_label(r)}" for r in runs if r not in plotted]
+    if not plotted:
+        return None
+    left, top, right, bottom = 64.0, 16.0, width - 16.0, height - 44.0
+    x_ticks_v = _ticks(max(r.metrics.tpot_ms_p50 or 0 for r in plotted) * 1.1)
+    y_ticks_v = _ticks(max(r.metrics.output_tok_per_s or 0 for r in plotted) * 1.1)
+    x_max, y_max = x_ticks_v[-1] or 1.0, y_ticks_v[-1] or 1.0
+
+    def sx(v: float) -> float:
+        return round(left + (right - left) * v / x_max, 1)
+
+    def sy(v: float) -> float:
+        return round(bottom - (bottom - top) * v / y_max, 1)
+
+    coords = [(r.metrics.tpot_ms_p50 or 0.0, r.metrics.output_tok_per_s or 0.0) for r in plotted]
+    flags = dict(zip((r.run_id for r in plotted), pareto(coords)))
+    series, names = [], sorted({r.backend for r in plotted})
+    for i, name in enumerate(names):
+        rs = sorted((r for r in plotted if r.backend == name),
+                    key=lambda r: (r.workload.rate_rps or 0, r.workload.concurrency))
+        pts = [Point(sx(r.metrics.tpot_ms_p50 or 0), sy(r.metrics.output_tok_per_s or 0), r.metrics.tpot_ms_p50 or 0,
+                     r.metrics.output_tok_per_s or 0, load_label(r), flags[r.run_id]) for r in rs]
+        path = " ".join(f"{p.x},{p.y}" for p in pts)
+        series.append(Series(name, PALETTE[i % len(PALETTE)], pts, path))
+    front = sorted((p for s in series for p in s.points if p.pareto), key=lambda p: p.x)
+    return Scatter(width, height, (left, top, right, bottom),
+                   [(sx(v), f"{v:g}") for v in x_ticks_v], [(sy(v), f"{v:g}") for v in y_ticks_v],
+                   series, " ".join(f"{p.x},{p.y}" for p in front), skipped)

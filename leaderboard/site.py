@@ -1,0 +1,166 @@
+"""Build the static CAP leaderboard from the results database.
+
+Layout of the site (relative links only, so it works from ``file://`` and any
+static host; no CDN, no network)::
+
+    index.html                 hardware groups: fingerprint, devices, runs, models
+    hw/<fingerprint>.html      one page per hardware fingerprint: per (model, task, workload)
+                               a sortable table, a CAP radar per system, a throughput-latency chart
+    runs/<run_id>.json         every run's raw RunResult
+    assets/site.css, site.js   styles and the table sorter
+
+Runs on different hardware never share a page, a table or a chart. The build
+writes into a temporary directory beside ``out`` and swaps it in at the end, so
+a build that fails or is interrupted leaves the previous site as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from capbench_core import __version__
+from capbench_core.report import group_runs, load_label
+from capbench_core.results import RunResult
+
+from capbench_leaderboard import charts
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Section:
+    """One comparable set: same hardware, model, task and workload."""
+
+    model: str
+    task: str
+    workload: str
+    runs: list[RunResult]
+    anchor: str
+    radar: charts.Radar | None = None
+    scatter: charts.Scatter | None = None
+
+
+@dataclass
+class HardwareGroup:
+    fingerprint: str
+    label: str
+    devices: list[str]
+    runs: int
+    models: list[str]
+    backends: list[str]
+    sections: list[Section] = field(default_factory=list)
+
+
+def _devices(r: RunResult) -> list[str]:
+    out = []
+    for d in r.hardware.devices:
+        memory = f", {d.memory_bytes / 2**30:.0f} GiB" if d.memory_bytes else ""
+        out.append(f"{d.count} x {d.model} ({d.kind}{memory})")
+    return out
+
+
+def groups(results: Sequence[RunResult]) -> list[HardwareGroup]:
+    """Hardware groups, each with its comparable sections, most runs first."""
+    by_fp: dict[str, HardwareGroup] = {}
+    for (fp, model, task, workload), runs in group_runs(results).items():
+        runs = sorted(runs, key=lambda r: (r.backend, r.workload.rate_rps or 0, r.workload.concurrency))
+        group = by_fp.get(fp)
+        if group is None:
+            group = by_fp[fp] = HardwareGroup(fp, runs[0].hardware.label(), _devices(runs[0]), 0, [], [])
+        group.runs += len(runs)
+        group.models = sorted({*group.models, model})
+        group.backends = sorted({*group.backends, *(r.backend for r in runs)})
+        section = Section(model, task, workload, runs, anchor=f"s{len(group.sections) + 1}")
+        section.radar = charts.radar(runs)
+        section.scatter = charts.throughput_latency(runs)
+        group.sections.append(section)
+    return sorted(by_fp.values(), key=lambda g: (-g.runs, g.fingerprint))
+
+
+def _env() -> Any:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    env.filters["pct"] = lambda v: "—" if v is None else f"{v * 100:.1f} %"
+    env.globals["load_label"] = load_label
+    return env
+
+
+def _num(value: float | None, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    out: Path
+    groups: int
+    runs: int
+
+
+def build(results: Sequence[RunResult], out: Path, extra_pages: dict[str, str] | None = None) -> BuildSummary:
+    """Render the site into ``out``, atomically (see the module docstring)."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        hw_groups = groups(results)
+        _render(tmp, hw_groups, results, extra_pages or {})
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildSummary(out, len(hw_groups), len(results))
+
+
+def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunResult],
+            extra_pages: dict[str, str]) -> None:
+    env = _env()
+    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    common = {"built": built, "version": __version__, "extra_pages": sorted(extra_pages)}
+    (root / "assets").mkdir()
+    for asset in (HERE / "assets").iterdir():
+        shutil.copyfile(asset, root / "assets" / asset.name)
+    (root / "runs").mkdir()
+    for r in results:
+        (root / "runs" / f"{r.run_id}.json").write_text(r.model_dump_json(indent=1))
+    (root / "hw").mkdir()
+    (root / "index.html").write_text(env.get_template("index.html").render(groups=hw_groups, prefix="", **common))
+    for group in hw_groups:
+        page = env.get_template("group.html").render(group=group, prefix="../", **common)
+        (root / "hw" / f"{group.fingerprint}.html").write_text(page)
+    for name, html in extra_pages.items():
+        (root / name).write_text(env.get_template("page.html").render(body=html, title=name, prefix="", **common))
+    (root / "site.json").write_text(json.dumps(
+        {"built": built, "capbench_version": __version__, "runs": len(results),
+         "groups": [{"fingerprint": g.fingerprint, "runs": g.runs} for g in hw_groups]}, indent=1))
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Replace ``out`` by ``new``; the old site stays whole until the final rename."""
+    if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
+        raise_not_a_site(out)
+    new.chmod(0o755)
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / "site")
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def raise_not_a_site(out: Path) -> None:
+    from capbench_core.errors import CapbenchError
+
+    raise CapbenchError(f"{out} exists and is not a capbench site (no site.json): give an empty or new "
+                        f"directory to --out, so nothing else is replaced")
