@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core import __version__
+from capbench_core.errors import CapbenchError
 from capbench_core.report import group_runs, load_label
 from capbench_core.results import RunResult
-
 from capbench_leaderboard import charts
 
 HERE = Path(__file__).resolve().parent
@@ -110,6 +110,9 @@ class BuildSummary:
 def build(results: Sequence[RunResult], out: Path, extra_pages: dict[str, str] | None = None) -> BuildSummary:
     """Render the site into ``out``, atomically (see the module docstring)."""
     out = out.resolve()
+    if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
+        raise CapbenchError(f"{out} exists and is not a capbench site (no site.json): give an empty or new "
+                            f"directory to --out, so nothing else is replaced")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -147,8 +150,6 @@ def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunRes
 
 def _swap(new: Path, out: Path) -> None:
     """Replace ``out`` by ``new``; the old site stays whole until the final rename."""
-    if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
-        raise_not_a_site(out)
     new.chmod(0o755)
     if not out.exists():
         os.rename(new, out)
@@ -157,10 +158,3 @@ def _swap(new: Path, out: Path) -> None:
     os.rename(out, old / "site")
     os.rename(new, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def raise_not_a_site(out: Path) -> None:
-    from capbench_core.errors import CapbenchError
-
-    raise CapbenchError(f"{out} exists and is not a capbench site (no site.json): give an empty or new "
-                        f"directory to --out, so nothing else is replaced")

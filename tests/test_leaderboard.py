@@ -1,0 +1,193 @@
+"""The static leaderboard: grouping by hardware, escaping, atomic builds, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from markupsafe import escape
+
+from capbench_core.store import Store
+from capbench_leaderboard import charts, site
+from tests.conftest import CAPBENCH, run_cli
+from tests.seed import HARDWARE, MODEL, result, seeded
+
+HOSTILE = ['<script>alert("x")</script>', "\"'><img src=x onerror=alert(1)>", "x" * 300,
+           "ü—漢字🙂 &amp; &lt;", "{{ 7*7 }}", "[bold red]markup[/]"]
+
+
+def _seed(url: str) -> list:  # type: ignore[type-arg]
+    store = Store(url)
+    runs = seeded()
+    for r in runs:
+        store.save(r)
+    return runs
+
+
+def test_every_table_and_chart_holds_one_fingerprint(tmp_path: Path, db_url: str) -> None:
+    runs = _seed(db_url)
+    run_cli("leaderboard", "build", "--db", db_url, "--out", str(tmp_path / "site"), check=True)
+    pages = sorted((tmp_path / "site" / "hw").glob("*.html"))
+    assert {p.stem for p in pages} == {hw.fingerprint for hw in HARDWARE.values()}
+    for page in pages:
+        text = page.read_text()
+        ids = set(re.findall(r'data-run="([^"]+)"', text))
+        assert ids and {r.hardware.fingerprint for r in runs if r.run_id in ids} == {page.stem}
+        assert set(re.findall(r'data-fingerprint="([^"]+)"', text)) == {page.stem}
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert index.count('<tr class="group">') == 3 and "cdn" not in index.lower() and "http" not in index
+    for r in runs:
+        raw = json.loads((tmp_path / "site" / "runs" / f"{r.run_id}.json").read_text())
+        assert raw["run_id"] == r.run_id
+
+
+def test_hostile_values_are_escaped_in_the_site_and_the_terminal(tmp_path: Path, db_url: str) -> None:
+    store = Store(db_url)
+    for i, bad in enumerate(HOSTILE):
+        model = MODEL.model_copy(update={"name": bad, "architecture": bad})
+        store.save(result("cpu", bad[:64], 1 + i, model=model, engine_version=bad[:128], task=bad[:128]))
+    run_cli("leaderboard", "build", "--db", db_url, "--out", str(tmp_path / "site"), check=True)
+    pages = [p.read_text() for p in (tmp_path / "site").rglob("*.html")]
+    for page in pages:
+        assert "<script>alert" not in page and "<img src=x" not in page
+    joined = "".join(pages)
+    for bad in HOSTILE:
+        assert str(escape(bad[:64])) in joined, bad
+    shown = run_cli("compare", "--db", db_url, env={"COLUMNS": "400"}, check=True).stdout
+    assert "[bold red]markup[/]" in shown and "漢字" in shown
+    rows = list(run_cli("compare", "--db", db_url, "--csv", check=True).stdout.splitlines())
+    assert len(rows) == 1 + len(HOSTILE)
+
+
+def test_compare_filters_by_hardware_and_prints_csv(db_url: str) -> None:
+    _seed(db_url)
+    fp = HARDWARE["h100"].fingerprint
+    rows = json.loads(run_cli("compare", "--db", db_url, "--hardware", fp[:6], "--json", check=True).stdout)
+    assert len(rows) == 4 and {r["hardware_fingerprint"] for r in rows} == {fp}
+    csv_text = run_cli("compare", "--db", db_url, "--hardware", fp, "--csv", check=True).stdout
+    header, *lines = csv_text.splitlines()
+    assert header.startswith("run_id,started_at,status,backend") and len(lines) == 4
+    table = run_cli("compare", "--db", db_url, env={"COLUMNS": "300"}, check=True).stdout
+    assert table.count("CAP — model tiny-moe") == 3
+
+
+def test_pareto_front_and_radar_normalisation() -> None:
+    assert charts.pareto([(1, 10), (2, 20), (3, 15), (1, 5)]) == [True, True, False, False]
+    assert charts.normalise([10, 20, None], True) == [20.0, 100.0, 0.0]
+    assert charts.normalise([10, 20], False) == [100.0, 20.0]
+    assert charts.normalise([5, 5], True) == [100.0, 100.0]
+    scatter = charts.throughput_latency(seeded()[:4])
+    assert scatter is not None
+    left, top, right, bottom = scatter.plot
+    assert all(left <= p.x <= right and top <= p.y <= bottom for s in scatter.series for p in s.points)
+
+
+def test_an_interrupted_build_leaves_the_previous_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "site"
+    site.build(seeded()[:2], out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    class Interrupted(BaseException):
+        """Stands for Ctrl-C or SIGTERM halfway through (KeyboardInterrupt itself would stop pytest)."""
+
+    def boom(*_: object) -> None:
+        raise Interrupted
+
+    monkeypatch.setattr(site, "_swap", boom)
+    with pytest.raises(Interrupted):
+        site.build(seeded(), out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["site"]  # no temp dir left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    from capbench_core.errors import CapbenchError
+
+    with pytest.raises(CapbenchError, match="is not a capbench site"):
+        site.build(seeded(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def served_site(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    runs = _seed(db_url)
+    out = tmp_path / "site"
+    run_cli("leaderboard", "build", "--db", db_url, "--out", str(out), check=True)
+    proc = subprocess.Popen([CAPBENCH, "leaderboard", "serve", "--dir", str(out), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    assert url, line
+    yield url.group(0), runs
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "Debian's chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import sync_playwright
+
+    base, runs = served_site
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(base + "index.html")
+        assert page.locator("tr.group").count() == 3
+        h100 = HARDWARE["h100"].fingerprint
+        page.click(f"a[href='hw/{h100}.html']")
+        page.wait_for_load_state()
+        rows = page.locator("table.cap tbody tr.run")
+        assert rows.count() == 4
+        assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.backend)")) == [
+            "sglang", "sglang", "vllm", "vllm"]
+        assert page.locator("svg.radar").count() == 2 and page.locator("svg.tput-latency circle.point").count() == 4
+        pareto = page.locator("svg.tput-latency circle.pareto").count()
+        assert 1 <= pareto < 4  # sglang dominates vllm at the same load in the seed
+        throughput = page.locator("table.cap thead th", has_text="out tok/s")
+        throughput.click()
+        column = "rs => rs.map(r => parseFloat(r.cells[5].dataset.v))"
+        ascending = rows.evaluate_all(column)
+        assert ascending == sorted(ascending)
+        throughput.click()
+        assert rows.evaluate_all(column) == sorted(ascending, reverse=True)
+        shot = tmp_path / "group.png"
+        page.locator("svg.tput-latency").screenshot(path=str(shot))
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    _assert_chart_is_drawn(shot)
+
+
+def _assert_chart_is_drawn(png: Path) -> None:
+    """The screenshot of the chart has coloured marks (the series colours), not a blank plot."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    series = {tuple(int(charts.PALETTE[i][k:k + 2], 16) for k in (1, 3, 5)) for i in range(2)}
+    drawn = sum(count for count, rgb in colours if rgb in series)
+    assert len(colours) > 20 and drawn > 100, (len(colours), drawn)
+
+
+def test_serve_refuses_a_directory_without_a_site(tmp_path: Path) -> None:
+    proc = run_cli("leaderboard", "serve", "--dir", str(tmp_path))
+    assert proc.returncode == 1 and "has no index.html" in proc.stderr
+    time.sleep(0)
