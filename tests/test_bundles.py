@@ -40,10 +40,7 @@ def _rehash(edit):  # type: ignore[no-untyped-def]
 
     def both(doc: dict) -> None:  # type: ignore[type-arg]
         edit(doc)
-        try:
-            doc["runs"][0]["content_hash"] = RunResult.model_validate(doc["runs"][0]["result"]).content_hash()
-        except Exception:  # noqa: BLE001 - a result the model refuses keeps its old hash
-            pass
+        doc["runs"][0]["content_hash"] = RunResult.model_validate(doc["runs"][0]["result"]).content_hash()
     return both
 
 
