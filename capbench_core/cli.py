@@ -484,6 +484,51 @@ def list_models() -> None:
 
 
 @cli.group()
+def study() -> None:
+    """Studies built on capbench's model analytics and hardware tables."""
+
+
+@study.command("sparsity")
+@click.option("--hardware", "hardware_name", default="H100 SXM", show_default=True,
+              help="A datasheet accelerator (see `capbench hardware prices` / docs) or 'here' (this machine, "
+                   "measured peaks).")
+@click.option("--active-params", type=click.FloatRange(min=1), default=1e9, show_default=True,
+              help="Active parameters per token, held fixed across the family.")
+@click.option("--experts", default="1,4,8,16,32,64", show_default=True, metavar="E,...",
+              help="Experts per MoE layer of each member (1: the dense model).")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="Experts per token.")
+@click.option("--batch", "batches", default="1,8,64", show_default=True, metavar="B,...",
+              help="Decode batch sizes.")
+@click.option("--context", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Context tokens per sequence (KV cache read per step).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def sparsity_study(hardware_name: str, active_params: float, experts: str, top_k: int, batches: str, context: int,
+                   as_json: bool) -> None:
+    """Analytic roofline: memory, bytes and FLOPs per decode step, tokens/s and $/Mtok vs sparsity."""
+    from dataclasses import asdict
+
+    from capbench_core import sparsity
+
+    if hardware_name == "here":
+        from capbench_core.runner import detect_hardware
+
+        machine = sparsity.machine_here(detect_hardware(_pm()))
+        dtype = "float32"
+    else:
+        machine, dtype = sparsity.machine_named(hardware_name), "bfloat16"
+    batch_sizes = _ints(batches, "--batch")
+    members = sparsity.family(active_params, _ints(experts, "--experts"), top_k)
+    rows = sparsity.analyse(members, machine, batch_sizes, dtype, context)
+    if as_json:
+        click.echo(json.dumps({"machine": asdict(machine), "dtype": dtype, "context_tokens": context,
+                               "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    from capbench_core.report import print_sparsity
+
+    print_sparsity(_console(), machine, rows, batch_sizes, dtype)
+
+
+@cli.group()
 def hardware() -> None:
     """What capbench sees on this machine."""
 

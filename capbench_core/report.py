@@ -196,3 +196,29 @@ def print_convention(console: Console, results: Sequence[RunResult], convention:
                       *(_fmt(s[k], ".2f") for k in ("ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
                                                     "itl_ms_p99")))
     console.print(table)
+
+
+def print_sparsity(console: Console, machine: Any, rows: Sequence[Any], batches: Sequence[int], dtype: str) -> None:
+    """`capbench study sparsity`: one row per family member, predicted tok/s and $/Mtok per batch."""
+    title = (f"Sparsity at a fixed active budget on {machine.name} — roofline prediction ({dtype}; "
+             f"{machine.mem_bw_gbps:g} GB/s, {machine.tflops:g} TFLOP/s, {machine.memory_gb:g} GB; "
+             f"peaks: {machine.peak_source}; price: {machine.price_source})")
+    table = Table(title=Text(title), title_justify="left")
+    for col in ("member", "S", "total params", "active", "weights GB", "fits"):
+        table.add_column(col, justify="left" if col == "member" else "right")
+    for b in batches:
+        table.add_column(f"B={b} A est", justify="right")
+        table.add_column(f"B={b} tok/s", justify="right")
+        table.add_column(f"B={b} $/Mtok", justify="right")
+    for r in rows:
+        cells = [r.name, f"{r.sparsity:.3f}", _count(r.total_params), _count(r.active_params), f"{r.weight_gb:.2f}",
+                 "yes" if r.fits else "does not fit"]
+        for b in batches:
+            v = r.by_batch[b]
+            cells += [f"{v['experts_per_layer']:.1f}/{r.experts}" if r.experts > 1 else "dense",
+                      f"{v['tok_per_s']:.0f}{'' if v['bound'] == 'memory' else ' (compute)'}",
+                      _fmt(v["usd_per_mtok"], ".3g")]
+        table.add_row(*(Text(c) for c in cells))
+    console.print(table)
+    console.print(Text("  • A est: expected distinct experts per layer under uniform routing, E(1-(1-k/E)^B); "
+                       "tok/s = B / max(bytes / bandwidth, FLOPs / peak): a roofline, not a measurement", style="dim"))
