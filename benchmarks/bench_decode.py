@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import tempfile
 import time
@@ -23,28 +22,18 @@ import torch
 from capbench_core.backend import Request, SamplingParams
 from capbench_torch_moe.commands import tiny_model_dir
 from capbench_torch_moe.engine import Engine, TorchMoESession
-from capbench_torch_moe.model import MoEConfig, MoETransformer, init_weights, load_hf, to_hf_state_dict
+from capbench_torch_moe.model import load_hf
+from capbench_torch_moe.random_init import make_checkpoint
 
 PROMPT = "123+456="
 
 
 def make_random_moe(out: Path, hidden: int, layers: int, experts: int, inter: int) -> Path:
     """A random-init Qwen3-MoE checkpoint with the tiny model's tokenizer."""
-    from safetensors.torch import save_file
-
-    src = tiny_model_dir()
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(hidden_size=hidden, num_hidden_layers=layers, num_experts=experts, moe_intermediate_size=inter,
-               num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
-               max_position_embeddings=256, torch_dtype="float32")
-    model = MoETransformer(MoEConfig.from_hf(cfg))
-    init_weights(model, seed=0)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(cfg))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(src / name, out / name)
-    return out
+    return make_checkpoint({"hidden_size": hidden, "num_hidden_layers": layers, "num_experts": experts,
+                            "moe_intermediate_size": inter, "num_attention_heads": hidden // 64,
+                            "num_key_value_heads": max(1, hidden // 256), "head_dim": 64,
+                            "max_position_embeddings": 256, "torch_dtype": "float32"}, out)
 
 
 def time_transformers(path: Path, batch: int, new_tokens: int) -> float:

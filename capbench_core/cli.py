@@ -489,43 +489,82 @@ def study() -> None:
 
 
 @study.command("sparsity")
-@click.option("--hardware", "hardware_name", default="H100 SXM", show_default=True,
-              help="A datasheet accelerator (see `capbench hardware prices` / docs) or 'here' (this machine, "
-                   "measured peaks).")
-@click.option("--active-params", type=click.FloatRange(min=1), default=1e9, show_default=True,
-              help="Active parameters per token, held fixed across the family.")
+@click.option("--hardware", "hardware_name", default=None,
+              help="A datasheet accelerator (e.g. 'H100 SXM'; default) or 'here' (this machine, measured peaks). "
+                   "--measure always uses this machine.")
+@click.option("--active-params", type=click.FloatRange(min=1), default=None,
+              help="Active parameters per token, held fixed across the family (default 1e9; 2e7 with --measure).")
 @click.option("--experts", default="1,4,8,16,32,64", show_default=True, metavar="E,...",
               help="Experts per MoE layer of each member (1: the dense model).")
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="Experts per token.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, metavar="B,...",
-              help="Decode batch sizes.")
+              help="Decode batch sizes (concurrent requests in measured mode).")
 @click.option("--context", type=click.IntRange(min=0), default=1024, show_default=True,
-              help="Context tokens per sequence (KV cache read per step).")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def sparsity_study(hardware_name: str, active_params: float, experts: str, top_k: int, batches: str, context: int,
+              help="Analytic mode: context tokens per sequence (KV cache read per step).")
+@click.option("--measure", is_flag=True,
+              help="Also run the family here (random weights, a small layout) and compare with the roofline.")
+@click.option("--measure-backends", default="torch_moe,llamacpp", show_default=True, metavar="A,B",
+              help="Backends for --measure (llamacpp decodes one request at a time: batch 1 only).")
+@click.option("--max-weight-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--measure: skip members with more float32 weights (default: a quarter of host memory).")
+@click.option("--loss-fit", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON with the coefficients of Abnar et al. Eq. 6 and their source (capbench ships none).")
+@click.option("--compute-budget", type=click.FloatRange(min=0, min_open=True), default=1e21, show_default=True,
+              help="Training FLOPs for the predicted pre-training loss (with --loss-fit).")
+@click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write PNG and SVG plots here (needs matplotlib: capbench[plots]).")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database (the study is stored).")
+@click.option("--json", "as_json", is_flag=True, help="Print the study as JSON.")
+def sparsity_study(hardware_name: str | None, active_params: float | None, experts: str, top_k: int, batches: str,
+                   context: int, measure: bool, measure_backends: str, max_weight_gb: float | None,
+                   loss_fit: Path | None, compute_budget: float, plot_dir: Path | None, db_url: str | None,
                    as_json: bool) -> None:
-    """Analytic roofline: memory, bytes and FLOPs per decode step, tokens/s and $/Mtok vs sparsity."""
-    from dataclasses import asdict
-
+    """What sparsity costs at serving time: analytic roofline, and (--measure) measured runs beside it."""
     from capbench_core import sparsity
+    from capbench_core.model_spec import spec_from_config
+    from capbench_core.store import Store
 
-    if hardware_name == "here":
+    fit = sparsity.LossFit.from_file(loss_fit) if loss_fit else None
+    store = Store(db_url)
+    batch_sizes, expert_counts = _ints(batches, "--batch"), _ints(experts, "--experts")
+    hw = None
+    if measure or hardware_name == "here":
         from capbench_core.runner import detect_hardware
 
-        machine = sparsity.machine_here(detect_hardware(_pm()))
-        dtype = "float32"
+        with _console().status("probing hardware (peaks are measured once per machine)…"):
+            hw = detect_hardware(_pm())
+    if measure:
+        budget = active_params or 2e7
+        configs = sparsity.family_configs(budget, expert_counts, top_k, sparsity.MEASURE_BASE)
+        machine, dtype, context = sparsity.machine_here(hw), "float32", 8 + 16
     else:
-        machine, dtype = sparsity.machine_named(hardware_name), "bfloat16"
-    batch_sizes = _ints(batches, "--batch")
-    members = sparsity.family(active_params, _ints(experts, "--experts"), top_k)
+        budget = active_params or 1e9
+        configs = sparsity.family_configs(budget, expert_counts, top_k)
+        if hardware_name == "here":
+            machine, dtype = sparsity.machine_here(hw), "float32"
+        else:
+            machine, dtype = sparsity.machine_named(hardware_name or "H100 SXM"), "bfloat16"
+    members = [spec_from_config(c, sparsity.member_name(c)) for c in configs]
     rows = sparsity.analyse(members, machine, batch_sizes, dtype, context)
+    measured = []
+    if measure:
+        from platformdirs import user_cache_dir
+
+        measured = sparsity.measure(_pm(), store, hw, configs, batch_sizes, _csv(measure_backends),
+                                    _progress_reporter(_console()), Path(user_cache_dir("capbench")) / "sparsity",
+                                    max_weight_gb=max_weight_gb)
+    study = sparsity.to_json(machine, dtype, context, budget, top_k, rows, measured, fit, compute_budget)
+    study["study_id"] = store.save_study("sparsity", machine.name, hw.fingerprint if hw else None, study)
+    if plot_dir:
+        written = sparsity.write_plots(study, plot_dir)
+        _console().print(f"[dim]wrote {', '.join(str(p) for p in written)}[/dim]", highlight=False)
     if as_json:
-        click.echo(json.dumps({"machine": asdict(machine), "dtype": dtype, "context_tokens": context,
-                               "rows": [asdict(r) for r in rows]}, indent=2))
+        click.echo(json.dumps(study, indent=2))
         return
     from capbench_core.report import print_sparsity
 
-    print_sparsity(_console(), machine, rows, batch_sizes, dtype)
+    print_sparsity(_console(), study)
+    _console().print(f"[dim]stored study {study['study_id']} in {store.url}[/dim]", highlight=False)
 
 
 @cli.group()

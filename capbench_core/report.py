@@ -198,27 +198,58 @@ def print_convention(console: Console, results: Sequence[RunResult], convention:
     console.print(table)
 
 
-def print_sparsity(console: Console, machine: Any, rows: Sequence[Any], batches: Sequence[int], dtype: str) -> None:
-    """`capbench study sparsity`: one row per family member, predicted tok/s and $/Mtok per batch."""
-    title = (f"Sparsity at a fixed active budget on {machine.name} — roofline prediction ({dtype}; "
-             f"{machine.mem_bw_gbps:g} GB/s, {machine.tflops:g} TFLOP/s, {machine.memory_gb:g} GB; "
-             f"peaks: {machine.peak_source}; price: {machine.price_source})")
+def print_sparsity(console: Console, study: dict[str, Any]) -> None:
+    """`capbench study sparsity`: one row per family member (roofline per batch), then measured points."""
+    machine, members = study["machine"], study["members"]
+    batches = list(members[0]["by_batch"]) if members else []
+    title = (f"Sparsity at {study['active_params']:.3g} active parameters, top-{study['top_k']}, on {machine['name']} "
+             f"— roofline prediction ({study['dtype']}; {machine['mem_bw_gbps']:g} GB/s, {machine['tflops']:g} "
+             f"TFLOP/s, {machine['memory_gb']:.3g} GB; peaks: {machine['peak_source']}; price: "
+             f"{machine['price_source']})")
     table = Table(title=Text(title), title_justify="left")
-    for col in ("member", "S", "total params", "active", "weights GB", "fits"):
+    columns = ["member", "S", "total params", "active", "weights GB", "fits"]
+    columns += ["pretrain loss"] if study["loss"]["source"] else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "member" else "right")
     for b in batches:
-        table.add_column(f"B={b} A est", justify="right")
-        table.add_column(f"B={b} tok/s", justify="right")
-        table.add_column(f"B={b} $/Mtok", justify="right")
-    for r in rows:
-        cells = [r.name, f"{r.sparsity:.3f}", _count(r.total_params), _count(r.active_params), f"{r.weight_gb:.2f}",
-                 "yes" if r.fits else "does not fit"]
+        for col in (f"B={b} A est", f"B={b} tok/s", f"B={b} $/Mtok"):
+            table.add_column(col, justify="right")
+    for m in members:
+        cells = [m["name"], f"{m['sparsity']:.3f}", _count(m["total_params"]), _count(m["active_params"]),
+                 f"{m['weight_gb']:.2f}", "yes" if m["fits"] else "does not fit"]
+        cells += [_fmt(m["pretrain_loss"], ".4f")] if study["loss"]["source"] else []
         for b in batches:
-            v = r.by_batch[b]
-            cells += [f"{v['experts_per_layer']:.1f}/{r.experts}" if r.experts > 1 else "dense",
+            v = m["by_batch"][b]
+            cells += [f"{v['experts_per_layer']:.1f}/{m['experts']}" if m["experts"] > 1 else "dense",
                       f"{v['tok_per_s']:.0f}{'' if v['bound'] == 'memory' else ' (compute)'}",
                       _fmt(v["usd_per_mtok"], ".3g")]
         table.add_row(*(Text(c) for c in cells))
     console.print(table)
-    console.print(Text("  • A est: expected distinct experts per layer under uniform routing, E(1-(1-k/E)^B); "
-                       "tok/s = B / max(bytes / bandwidth, FLOPs / peak): a roofline, not a measurement", style="dim"))
+    notes = ["A est: expected distinct experts per layer under uniform routing, E(1-(1-k/E)^B); tok/s = B / "
+             "max(bytes / bandwidth, FLOPs / peak): a roofline, not a measurement"]
+    notes.append(f"pretrain loss: Abnar et al. Eq. 6 with coefficients from {study['loss']['source']} at "
+                 f"{study['loss']['compute_budget_flops']:.3g} training FLOPs" if study["loss"]["source"]
+                 else study["loss"]["note"])
+    for note in notes:
+        console.print(Text(f"  • {note}", style="dim"))
+    if study["measured"]:
+        console.print(measured_table(study))
+
+
+def measured_table(study: dict[str, Any]) -> Table:
+    summary = study["error_summary"]
+    span = (f"; error from {summary['min'] * 100:+.0f} % to {summary['max'] * 100:+.0f} % (median "
+            f"{summary['median'] * 100:+.0f} %) over {summary['points']} points" if summary else "")
+    table = Table(title=Text(f"Measured on this machine vs the roofline (uniform-routing A at the measured mean "
+                             f"batch){span}"), title_justify="left")
+    for col in ("member", "S", "backend", "B", "mean batch", "A measured", "A uniform", "predicted ms",
+                "measured ms", "error", "tok/s", "status"):
+        table.add_column(col, justify="left" if col in ("member", "backend", "status") else "right")
+    for p in study["measured"]:
+        a_meas = "—" if p["experts_measured"] is None else f"{p['experts_measured']:.2f} {p['experts_source'] or ''}"
+        table.add_row(*(Text(c) for c in (
+            p["member"], f"{p['sparsity']:.3f}", p["backend"], str(p["batch"]), _fmt(p["decode_batch_mean"], ".2f"),
+            a_meas, _fmt(p["experts_uniform"], ".2f"), _fmt(p["predicted_ms"], ".2f"), _fmt(p["measured_ms"], ".2f"),
+            "—" if p["error"] is None else f"{p['error'] * 100:+.0f} %", _fmt(p["tok_per_s"], ".0f"),
+            p["status"] + (f": {p['note']}" if p["note"] else ""))))
+    return table

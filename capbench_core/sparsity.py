@@ -45,19 +45,20 @@ class Machine:
     peak_source: str
 
 
-def expected_distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
+def expected_distinct_experts(num_experts: int, top_k: int, batch: float) -> float:
     """E(1 - (1 - k/E)^B): distinct experts one MoE layer reads when B tokens route uniformly."""
-    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+    return float(num_experts * (1 - (1 - top_k / num_experts) ** batch))
 
 
-def family(active_params: float, experts: list[int], top_k: int,
-           base: dict[str, Any] | None = None) -> list[ModelSpec]:
-    """Members with ~``active_params`` active parameters per token and E experts each (E = 1: dense)."""
+def family_configs(active_params: float, experts: list[int], top_k: int,
+                   base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Configs with ~``active_params`` active parameters per token and E experts each (E = 1: dense)."""
     shape = {**BASE_SHAPE, **(base or {})}
     bad = [e for e in experts if e != 1 and top_k > e]
     if bad:
         raise CapbenchError(f"top-k {top_k} is larger than {bad[0]} experts: each token needs k distinct "
                             f"experts; use --top-k <= {bad[0]} or drop E={bad[0]}")
+
     def active_at(inter: int) -> int:
         config = {**shape, "num_experts": top_k, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
                   "intermediate_size": inter}
@@ -70,14 +71,21 @@ def family(active_params: float, experts: list[int], top_k: int,
         raise CapbenchError(f"an active budget of {active_params:.3g} parameters is smaller than attention, "
                             f"norms and embeddings alone ({fixed:.3g}) in this layout; raise --active-params")
     inter = max(1, round(width))
-    members = []
+    configs = []
     for e in experts:
-        k = 1 if e == 1 else top_k
-        inter_e = inter * top_k if e == 1 else inter
-        config = {**shape, "num_experts": e, "num_experts_per_tok": k, "moe_intermediate_size": inter_e,
-                  "intermediate_size": inter_e}
-        members.append(spec_from_config(config, f"E{e}-k{k}"))
-    return members
+        k, inter_e = (1, inter * top_k) if e == 1 else (top_k, inter)
+        configs.append({**shape, "num_experts": e, "num_experts_per_tok": k, "moe_intermediate_size": inter_e,
+                        "intermediate_size": inter_e})
+    return configs
+
+
+def member_name(config: dict[str, Any]) -> str:
+    return f"E{config['num_experts']}-k{config['num_experts_per_tok']}"
+
+
+def family(active_params: float, experts: list[int], top_k: int,
+           base: dict[str, Any] | None = None) -> list[ModelSpec]:
+    return [spec_from_config(c, member_name(c)) for c in family_configs(active_params, experts, top_k, base)]
 
 
 @dataclass
@@ -149,3 +157,229 @@ def machine_here(hw: Any) -> Machine:
         d.memory_bytes or 0 for d in hw.devices if d.kind != "cpu")
     return Machine(f"here: {hw.label()}", float(bw.value), float(peak.value), memory / 1e9, None,
                    "no price: pass --price-usd-per-hour", f"{bw.source} ({dtype})")
+
+
+# Measured mode: a small layout that the tiny MoE's tokenizer serves, large enough per token
+# (tens of MB of weights read per decode step) to be bound by memory bandwidth on a CPU.
+MEASURE_BASE: dict[str, Any] = {
+    "model_type": "qwen3_moe", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 320, "tie_word_embeddings": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 512, "torch_dtype": "float32",
+}
+
+
+@dataclass
+class Measurement:
+    """One (member, backend, batch) point: the roofline's prediction beside the engine's own step time."""
+
+    member: str
+    backend: str
+    batch: int
+    sparsity: float
+    run_id: str | None
+    status: str
+    decode_batch_mean: float | None = None
+    experts_measured: float | None = None
+    experts_source: str | None = None
+    experts_uniform: float | None = None
+    predicted_ms: float | None = None
+    measured_ms: float | None = None
+    error: float | None = None  # measured / predicted - 1
+    tok_per_s: float | None = None
+    note: str = ""
+
+
+def predict_step_ms(spec: ModelSpec, machine: Machine, batch: float, context_tokens: float, dtype: str) -> float:
+    """Roofline step time at a (possibly fractional) mean batch, uniform-routing experts."""
+    a = expected_distinct_experts(spec.num_experts, spec.top_k, max(batch, 1.0)) if spec.is_moe else 0.0
+    step = DecodeStep(batch_size=max(1, round(batch)), step_ns=0, context_tokens=round(batch * context_tokens),
+                      distinct_experts=[a] * spec.moe_layers)
+    cost = decode_step_cost(spec, step, dtype, dtype)
+    return max(cost.bytes / (machine.mem_bw_gbps * 1e9), cost.flops / (machine.tflops * 1e12)) * 1e3
+
+
+def measure(pm: Any, store: Any, hardware: Any, configs: list[dict[str, Any]], batches: list[int],
+            backends: list[str], reporter: Any, cache_dir: Any, output_len: int = 32, input_len: int = 8,
+            max_weight_gb: float | None = None) -> list[Measurement]:
+    """Run every member through each backend at each batch (stored as ordinary runs) and compare."""
+    from pathlib import Path
+
+    from capbench_core.backend import ModelRef
+    from capbench_core.runner import Level, Runner, RunPlan
+
+    try:
+        from capbench_torch_moe.random_init import make_checkpoint
+    except ImportError:
+        raise CapbenchError("measured mode needs the torch_moe plugin and torch (pip install torch==2.13.0, "
+                            "then capbench[torch])") from None
+    machine = machine_here(hardware)
+    limit = max_weight_gb if max_weight_gb is not None else hardware.host_memory_bytes / 1e9 / 4
+    task = pm.tasks.get("random")
+    out: list[Measurement] = []
+    for config in configs:
+        name = member_name(config)
+        spec = spec_from_config(config, name)
+        weight_gb = spec.weight_bytes("float32") / 1e9
+        if weight_gb > limit:
+            out += [Measurement(name, b_name, b, spec.sparsity, None, "does not fit",
+                                note=f"{weight_gb:.2f} GB of float32 weights > {limit:.2f} GB allowed "
+                                     f"(--max-weight-gb, default a quarter of host memory)")
+                    for b_name in backends for b in batches]
+            continue
+        reporter.note(f"sparsity study: building {name} ({weight_gb:.2f} GB, random weights)…")
+        path = make_checkpoint(config, Path(cache_dir) / f"{name}-{spec.active_params}")
+        model = ModelRef(f"sparsity-{name}-a{spec.active_params}", path, "random-init sparsity-study member")
+        for backend in backends:
+            levels = [Level(b) for b in batches] if backend != "llamacpp" else [Level(1)]
+            for level in levels:
+                plan = RunPlan(backends=[backend], model=model, task=task, num_requests=max(4, 2 * level.concurrency),
+                               warmup=min(level.concurrency, 4), levels=[level],
+                               task_options={"input_len": input_len, "output_len": output_len})
+                [result] = Runner(pm, store, hardware, reporter).run(plan)
+                out.append(_compare(result, spec, machine, level.concurrency, input_len + output_len / 2))
+    return out
+
+
+def _compare(result: Any, spec: ModelSpec, machine: Machine, batch: int, context: float) -> Measurement:
+    m = result.metrics
+    point = Measurement(spec.name, result.backend, batch, spec.sparsity, result.run_id, result.status,
+                        decode_batch_mean=m.decode_batch_mean, experts_measured=m.experts_activated_per_layer_mean,
+                        experts_source=m.expert_activation_source, measured_ms=m.decode_step_ms_mean,
+                        tok_per_s=m.output_tok_per_s, note=result.status_reason)
+    if m.decode_step_ms_mean is None or m.decode_batch_mean is None:
+        point.note = point.note or m.notes.get("s_mbu", "no decode step was timed")
+        return point
+    if spec.is_moe:
+        point.experts_uniform = expected_distinct_experts(spec.num_experts, spec.top_k, m.decode_batch_mean)
+    point.predicted_ms = predict_step_ms(spec, machine, m.decode_batch_mean, context, "float32")
+    point.error = m.decode_step_ms_mean / point.predicted_ms - 1
+    return point
+
+
+@dataclass(frozen=True)
+class LossFit:
+    """Coefficients of Abnar et al. (2025), Eq. 6: L(N, D, S) = a/N^alpha + b/D^beta + c/(1-S)^lambda
+    + d/((1-S)^delta N^gamma) + e, with N total parameters, D training tokens, S = (E - K)/E.
+
+    capbench ships no values: give the paper's Table 3 (or your own fit) with its source."""
+
+    a: float
+    alpha: float
+    b: float
+    beta: float
+    c: float
+    lam: float
+    d: float
+    delta: float
+    gamma: float
+    e: float
+    source: str
+
+    @classmethod
+    def from_file(cls, path: Any) -> LossFit:
+        import json
+        from pathlib import Path
+
+        try:
+            doc = json.loads(Path(path).read_text())
+            values = {k: float(doc[k]) for k in ("a", "alpha", "b", "beta", "c", "lambda", "d", "delta", "gamma",
+                                                 "e")}
+            source = str(doc["source"]).strip()
+        except FileNotFoundError:
+            raise CapbenchError(f"no loss-fit file {path}") from None
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise CapbenchError(f"{path}: a loss fit is JSON with numbers a, alpha, b, beta, c, lambda, d, "
+                                f"delta, gamma, e and a non-empty 'source' ({exc})") from None
+        if not source:
+            raise CapbenchError(f"{path}: 'source' is empty: say where the coefficients come from")
+        values["lam"] = values.pop("lambda")
+        return cls(**values, source=source)
+
+    def loss(self, total_params: float, active_params: float, sparsity: float, compute_flops: float) -> float:
+        """Predicted pre-training loss at a compute budget C, with D = C / (6 N_active) tokens."""
+        tokens = compute_flops / (6 * active_params)
+        dense_share = 1 - sparsity
+        return float(self.a / total_params ** self.alpha + self.b / tokens ** self.beta
+                     + self.c / dense_share ** self.lam
+                     + self.d / (dense_share ** self.delta * total_params ** self.gamma) + self.e)
+
+
+def to_json(machine: Machine, dtype: str, context: int, active_params: float, top_k: int, rows: list[Row],
+            measured: list[Measurement], fit: LossFit | None, compute_budget: float) -> dict[str, Any]:
+    """The study as stored in the database and printed by --json."""
+    from dataclasses import asdict
+
+    members = []
+    for r in rows:
+        member = asdict(r)
+        member["by_batch"] = {str(b): v for b, v in r.by_batch.items()}
+        member["pretrain_loss"] = fit.loss(r.total_params, r.active_params, r.sparsity, compute_budget) if fit \
+            else None
+        members.append(member)
+    errors = sorted(p.error for p in measured if p.error is not None)
+    return {
+        "kind": "sparsity", "machine": asdict(machine), "dtype": dtype, "context_tokens": context,
+        "active_params": active_params, "top_k": top_k, "members": members,
+        "loss": ({"source": fit.source, "compute_budget_flops": compute_budget} if fit else
+                 {"source": None, "note": "no loss fit given (--loss-fit): capbench ships no coefficients for "
+                                          "Abnar et al. Eq. 6, so the pre-training loss is not shown"}),
+        "measured": [asdict(p) for p in measured],
+        "error_summary": ({"points": len(errors), "min": errors[0], "median": errors[len(errors) // 2],
+                           "max": errors[-1]} if errors else None),
+    }
+
+
+def write_plots(study: dict[str, Any], out_dir: Any) -> list[Any]:
+    """tokens/s and $/Mtok vs sparsity (one line per batch), and predicted vs measured step time."""
+    from pathlib import Path
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise CapbenchError("--plot-dir needs matplotlib: pip install 'capbench[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    members = study["members"]
+    batches = list(members[0]["by_batch"]) if members else []
+    x = [m["sparsity"] for m in members]
+    written = []
+    for key, label, name in (("tok_per_s", "predicted decode tokens/s", "sparsity_tokens_per_s"),
+                             ("usd_per_mtok", "predicted $ per million output tokens", "sparsity_cost")):
+        if key == "usd_per_mtok" and all(m["by_batch"][b][key] is None for m in members for b in batches):
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for b in batches:
+            ax.plot(x, [m["by_batch"][b][key] for m in members], marker="o", label=f"batch {b}")
+        ax.set_xlabel("sparsity S = (E - k) / E")
+        ax.set_ylabel(label)
+        ax.set_title(f"{study['machine']['name']}: {study['active_params']:.3g} active params, top-{study['top_k']}",
+                     fontsize=9)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written += _save(fig, out / name)
+        plt.close(fig)
+    points = [p for p in study["measured"] if p["error"] is not None]
+    if points:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for backend in sorted({p["backend"] for p in points}):
+            mine = [p for p in points if p["backend"] == backend]
+            ax.scatter([p["predicted_ms"] for p in mine], [p["measured_ms"] for p in mine], label=backend)
+        top = max(max(p["predicted_ms"], p["measured_ms"]) for p in points) * 1.1
+        ax.plot([0, top], [0, top], color="grey", linestyle="--", label="measured = predicted")
+        ax.set_xlabel("roofline decode step, ms")
+        ax.set_ylabel("measured decode step, ms")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written += _save(fig, out / "sparsity_predicted_vs_measured")
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, stem: Any) -> list[Any]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight", dpi=120)
+    return paths

@@ -146,13 +146,15 @@ def test_migrates_from_every_revision_keeping_the_runs(store_url: str, start: st
     result = make_result(ttft_ms_p50=3.0)
     result.workload.rate_rps = 2.5
     engine = create_engine(store_url)
-    with engine.begin() as conn:  # a row as that revision's code wrote it: only the 0001 columns
-        conn.execute(text(
-            "insert into runs (run_id, content_hash, schema_version, started_at, status, backend, model, task, "
-            "workload_hash, concurrency, hardware_fingerprint, ttft_ms_p50, result_json) values "
-            "(:id, :hash, 1, :at, 'complete', 'torch_moe', 'm', 'arith', 'h', 1, 'fp', 3.0, :json)"),
-            {"id": result.run_id, "hash": result.content_hash(), "at": result.started_at,
-             "json": result.model_dump_json()})
+    columns = {"run_id": result.run_id, "content_hash": result.content_hash(), "schema_version": 1,
+               "started_at": result.started_at, "status": "complete", "backend": "torch_moe", "model": "m",
+               "task": "arith", "workload_hash": "h", "concurrency": 1, "hardware_fingerprint": "fp",
+               "ttft_ms_p50": 3.0, "result_json": result.model_dump_json()}
+    if start >= "0002":  # what that revision's code also wrote
+        columns.update(capbench_version="0.1.0", rate_rps=2.5)
+    with engine.begin() as conn:  # a row as the code of that revision wrote it
+        conn.execute(text(f"insert into runs ({', '.join(columns)}) values ({', '.join(':' + c for c in columns)})"),
+                     columns)
     engine.dispose()
     store = Store(store_url)
     assert store.runs() == [result]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from capbench_core.errors import CapbenchError
 from capbench_core.results import RunResult
-from capbench_core.store.models import RunRow
+from capbench_core.store.models import RunRow, StudyRow
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -135,6 +135,30 @@ class Store:
             query = query.limit(limit)
         with self.session() as s:
             return [RunResult.model_validate_json(text) for text in s.scalars(query)]
+
+    def save_study(self, kind: str, hardware: str, fingerprint: str | None, study: dict[str, Any]) -> str:
+        """Store one study (its parameters and rows, JSON-serialisable); returns its id."""
+        import json
+        import uuid
+
+        from capbench_core import __version__
+
+        study_id = str(uuid.uuid4())
+        with self.session() as s:
+            s.add(StudyRow(study_id=study_id, kind=kind, created_at=datetime.now(timezone.utc),
+                           hardware=hardware[:256], hardware_fingerprint=fingerprint,
+                           capbench_version=__version__, study_json=json.dumps(study, allow_nan=False)))
+        return study_id
+
+    def studies(self, kind: str) -> list[dict[str, Any]]:
+        """Stored studies of one kind, newest first: {study_id, created_at, hardware, ..., study}."""
+        import json
+
+        query = select(StudyRow).where(StudyRow.kind == kind).order_by(StudyRow.created_at.desc())
+        with self.session() as s:
+            return [{"study_id": r.study_id, "created_at": r.created_at, "hardware": r.hardware,
+                     "hardware_fingerprint": r.hardware_fingerprint, "capbench_version": r.capbench_version,
+                     "study": json.loads(r.study_json)} for r in s.scalars(query)]
 
     def count(self) -> int:
         with self.session() as s:

@@ -46,3 +46,19 @@ class RunRow(Base):
         Index("ix_runs_group", "hardware_fingerprint", "model", "task"),
         Index("ix_runs_started_at", "started_at"),
     )
+
+
+class StudyRow(Base):
+    """An analysis built on runs (``kind`` = "sparsity"): its parameters and rows as JSON."""
+
+    __tablename__ = "studies"
+
+    study_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    hardware: Mapped[str] = mapped_column(String(256))
+    hardware_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    capbench_version: Mapped[str] = mapped_column(String(32))
+    study_json: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_studies_kind", "kind", "created_at"),)
