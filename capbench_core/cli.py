@@ -67,10 +67,10 @@ def _pm() -> Any:
     return get_plugin_manager()
 
 
-def _console() -> Any:
+def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def _resolve_model(pm: Any, name: str) -> Any:
@@ -524,6 +524,7 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
     from capbench_core.model_spec import spec_from_config
     from capbench_core.store import Store
 
+    console = _console(stderr=as_json)  # with --json, stdout holds the JSON only
     fit = sparsity.LossFit.from_file(loss_fit) if loss_fit else None
     store = Store(db_url)
     batch_sizes, expert_counts = _ints(batches, "--batch"), _ints(experts, "--experts")
@@ -531,7 +532,7 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
     if measure or hardware_name == "here":
         from capbench_core.runner import detect_hardware
 
-        with _console().status("probing hardware (peaks are measured once per machine)…"):
+        with console.status("probing hardware (peaks are measured once per machine)…"):
             hw = detect_hardware(_pm())
     if measure:
         budget = active_params or 2e7
@@ -551,20 +552,20 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
         from platformdirs import user_cache_dir
 
         measured = sparsity.measure(_pm(), store, hw, configs, batch_sizes, _csv(measure_backends),
-                                    _progress_reporter(_console()), Path(user_cache_dir("capbench")) / "sparsity",
+                                    _progress_reporter(console), Path(user_cache_dir("capbench")) / "sparsity",
                                     max_weight_gb=max_weight_gb)
     study = sparsity.to_json(machine, dtype, context, budget, top_k, rows, measured, fit, compute_budget)
     study["study_id"] = store.save_study("sparsity", machine.name, hw.fingerprint if hw else None, study)
     if plot_dir:
         written = sparsity.write_plots(study, plot_dir)
-        _console().print(f"[dim]wrote {', '.join(str(p) for p in written)}[/dim]", highlight=False)
+        console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/dim]", highlight=False)
     if as_json:
         click.echo(json.dumps(study, indent=2))
         return
     from capbench_core.report import print_sparsity
 
-    print_sparsity(_console(), study)
-    _console().print(f"[dim]stored study {study['study_id']} in {store.url}[/dim]", highlight=False)
+    print_sparsity(console, study)
+    console.print(f"[dim]stored study {study['study_id']} in {store.url}[/dim]", highlight=False)
 
 
 @cli.group()

@@ -31,15 +31,9 @@ def build(db_url: str | None, out: Path) -> None:
 
     store = Store(db_url)
     results = store.runs()
-    summary = site.build(results, out, _extra_pages(store))
+    summary = site.build(results, out, store.studies("sparsity"))
     click.echo(f"built {summary.out}: {summary.groups} hardware group(s), {summary.runs} run(s); "
                f"open {summary.out / 'index.html'} or run `capbench leaderboard serve --dir {out}`")
-
-
-def _extra_pages(store: Any) -> dict[str, str]:
-    """Pages that other parts of capbench contribute (the sparsity study), by file name."""
-    render = getattr(store, "extra_pages", None)
-    return dict(render()) if render else {}
 
 
 @leaderboard.command("serve")

@@ -192,3 +192,28 @@ def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int 
     return Scatter(width, height, (left, top, right, bottom),
                    [(sx(v), f"{v:g}") for v in x_ticks_v], [(sy(v), f"{v:g}") for v in y_ticks_v],
                    series, " ".join(f"{p.x},{p.y}" for p in front), skipped)
+
+
+def lines(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], x_label: str, y_label: str,
+          width: int = 560, height: int = 340) -> Scatter | None:
+    """A plain line chart on the scatter's axes (used by the sparsity page): one line per named series."""
+    pts = [p for _, points in series for p in points]
+    if not pts:
+        return None
+    left, top, right, bottom = 64.0, 16.0, width - 16.0, height - 44.0
+    x_ticks_v = _ticks(max(x for x, _ in pts) * 1.05 or 1.0)
+    y_ticks_v = _ticks(max(y for _, y in pts) * 1.1 or 1.0)
+    x_max, y_max = x_ticks_v[-1] or 1.0, y_ticks_v[-1] or 1.0
+
+    def sx(v: float) -> float:
+        return round(left + (right - left) * v / x_max, 1)
+
+    def sy(v: float) -> float:
+        return round(bottom - (bottom - top) * v / y_max, 1)
+
+    out = []
+    for i, (name, points) in enumerate(series):
+        ps = [Point(sx(x), sy(y), x, y, name, False) for x, y in points]
+        out.append(Series(name, PALETTE[i % len(PALETTE)], ps, " ".join(f"{p.x},{p.y}" for p in ps)))
+    return Scatter(width, height, (left, top, right, bottom), [(sx(v), f"{v:g}") for v in x_ticks_v],
+                   [(sy(v), f"{v:g}") for v in y_ticks_v], out, "", [])

@@ -4,6 +4,7 @@ Layout of the site (relative links only, so it works from ``file://`` and any
 static host; no CDN, no network)::
 
     index.html                 hardware groups: fingerprint, devices, runs, models
+    sparsity.html              the newest sparsity study per machine (when one is stored)
     hw/<fingerprint>.html      one page per hardware fingerprint: per (model, task, workload)
                                a sortable table, a CAP radar per system, a throughput-latency chart
     runs/<run_id>.json         every run's raw RunResult
@@ -107,7 +108,7 @@ class BuildSummary:
     runs: int
 
 
-def build(results: Sequence[RunResult], out: Path, extra_pages: dict[str, str] | None = None) -> BuildSummary:
+def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, Any]] = ()) -> BuildSummary:
     """Render the site into ``out``, atomically (see the module docstring)."""
     out = out.resolve()
     if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
@@ -117,7 +118,7 @@ def build(results: Sequence[RunResult], out: Path, extra_pages: dict[str, str] |
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         hw_groups = groups(results)
-        _render(tmp, hw_groups, results, extra_pages or {})
+        _render(tmp, hw_groups, results, _newest_per_machine(studies))
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -125,11 +126,25 @@ def build(results: Sequence[RunResult], out: Path, extra_pages: dict[str, str] |
     return BuildSummary(out, len(hw_groups), len(results))
 
 
+def _newest_per_machine(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest sparsity study per machine, each with its batch sizes and a tok/s-vs-sparsity chart."""
+    newest: dict[str, dict[str, Any]] = {}
+    for st in sorted(studies, key=lambda s: s["created_at"], reverse=True):
+        newest.setdefault(st["hardware"], st)
+    shown = []
+    for st in newest.values():
+        members = st["study"]["members"]
+        batches = list(members[0]["by_batch"]) if members else []
+        series = [(f"batch {b}", [(m["sparsity"], m["by_batch"][b]["tok_per_s"]) for m in members]) for b in batches]
+        shown.append({**st, "batches": batches, "chart": charts.lines(series, "sparsity", "tokens/s")})
+    return shown
+
+
 def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunResult],
-            extra_pages: dict[str, str]) -> None:
+            studies: list[dict[str, Any]]) -> None:
     env = _env()
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    common = {"built": built, "version": __version__, "extra_pages": sorted(extra_pages)}
+    common = {"built": built, "version": __version__, "extra_pages": ["sparsity.html"] if studies else []}
     (root / "assets").mkdir()
     for asset in (HERE / "assets").iterdir():
         shutil.copyfile(asset, root / "assets" / asset.name)
@@ -141,8 +156,10 @@ def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunRes
     for group in hw_groups:
         page = env.get_template("group.html").render(group=group, prefix="../", **common)
         (root / "hw" / f"{group.fingerprint}.html").write_text(page)
-    for name, html in extra_pages.items():
-        (root / name).write_text(env.get_template("page.html").render(body=html, title=name, prefix="", **common))
+    if studies:
+        page = env.get_template("sparsity.html").render(studies=studies, run_ids={r.run_id for r in results},
+                                                        prefix="", **common)
+        (root / "sparsity.html").write_text(page)
     (root / "site.json").write_text(json.dumps(
         {"built": built, "capbench_version": __version__, "runs": len(results),
          "groups": [{"fingerprint": g.fingerprint, "runs": g.runs} for g in hw_groups]}, indent=1))

@@ -42,13 +42,59 @@ def test_roofline_on_h100_is_memory_bound_at_batch_1_and_sparsity_costs_at_batch
     (["--active-params", "1e6"], "smaller than attention, norms and embeddings alone"),
     (["--hardware", "H100 SXN"], "unknown hardware 'H100 SXN' — did you mean 'H100 SXM'?"),
 ])
-def test_bad_families_and_hardware_are_clear(args: list[str], message: str) -> None:
-    proc = run_cli("study", "sparsity", *args)
+def test_bad_families_and_hardware_are_clear(args: list[str], message: str, db_url: str) -> None:
+    proc = run_cli("study", "sparsity", *args, "--db", db_url)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_table_and_json() -> None:
-    out = json.loads(run_cli("study", "sparsity", "--json", check=True).stdout)
-    assert out["machine"]["name"] == "H100 SXM" and len(out["rows"]) == 6
-    table = run_cli("study", "sparsity", "--batch", "1,8", env={"COLUMNS": "250"}, check=True).stdout
+def test_cli_table_and_json(db_url: str) -> None:
+    out = json.loads(run_cli("study", "sparsity", "--json", "--db", db_url, check=True).stdout)
+    assert out["machine"]["name"] == "H100 SXM" and len(out["members"]) == 6 and out["measured"] == []
+    table = run_cli("study", "sparsity", "--batch", "1,8", "--db", db_url, env={"COLUMNS": "250"},
+                    check=True).stdout
     assert "E64-k2" in table and "roofline" in table
+
+
+def test_measured_mode_runs_members_and_compares_with_the_roofline(tmp_path, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Two small members through the real torch_moe engine at two batch sizes; the study and its runs are
+    stored, and the leaderboard gets a Sparsity page from it."""
+    out = tmp_path / "study.json"
+    proc = run_cli("study", "sparsity", "--measure", "--active-params", "4e6", "--experts", "1,8", "--batch", "1,4",
+                   "--measure-backends", "torch_moe", "--db", db_url, "--plot-dir", str(tmp_path / "plots"),
+                   "--json", env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, check=True)
+    out.write_text(proc.stdout)
+    study = json.loads(proc.stdout)
+    points = study["measured"]
+    assert [(p["member"], p["batch"]) for p in points] == [("E1-k1", 1), ("E1-k1", 4), ("E8-k2", 1), ("E8-k2", 4)]
+    for p in points:
+        assert p["status"] == "complete" and p["measured_ms"] > 0 and p["predicted_ms"] > 0
+        assert p["error"] == pytest.approx(p["measured_ms"] / p["predicted_ms"] - 1)
+    sparse = points[3]
+    assert sparse["experts_source"] == "measured" and 2 <= sparse["experts_measured"] <= 8
+    assert study["error_summary"]["points"] == 4
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        f"sparsity_{name}.{ext}" for name in ("predicted_vs_measured", "tokens_per_s") for ext in ("png", "svg")]
+    from capbench_core.store import Store
+
+    store = Store(db_url)
+    assert len(store.runs()) == 4 and store.studies("sparsity")[0]["study_id"] == study["study_id"]
+    run_cli("leaderboard", "build", "--db", db_url, "--out", str(tmp_path / "site"), check=True)
+    page = (tmp_path / "site" / "sparsity.html").read_text()
+    assert page.count('<tr class="point">') == 4 and 'class="sparsity-chart"' in page
+    assert 'href="sparsity.html"' in (tmp_path / "site" / "index.html").read_text()
+
+
+def test_loss_fit_needs_a_source_and_computes_eq6(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fit = {"a": 1.0, "alpha": 0.5, "b": 2.0, "beta": 0.5, "c": 0.1, "lambda": 1.0, "d": 0.0, "delta": 1.0,
+           "gamma": 0.1, "e": 1.5}
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit))
+    with pytest.raises(Exception, match="non-empty 'source'"):
+        sparsity.LossFit.from_file(path)
+    path.write_text(json.dumps({**fit, "source": "a test fit, not the paper's"}))
+    loaded = sparsity.LossFit.from_file(path)
+    # N = 1e6, N_a = 1e4, S = 0.5, C = 6e8 -> D = 1e4 tokens
+    assert loaded.loss(1e6, 1e4, 0.5, 6e8) == pytest.approx(1 / 1e3 + 2 / 1e2 + 0.1 / 0.5 + 1.5)
+    table = run_cli("study", "sparsity", "--loss-fit", str(path), "--compute-budget", "1e20", "--db",
+                    f"sqlite:///{tmp_path / 'r.db'}", env={"COLUMNS": "300"}, check=True).stdout
+    assert "pretrain loss" in table and "a test fit, not the paper's" in table
