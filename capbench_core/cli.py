@@ -67,6 +67,12 @@ def _pm() -> Any:
     return get_plugin_manager()
 
 
+def _text(value: str) -> Any:
+    from rich.text import Text
+
+    return Text(value)
+
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -484,6 +490,107 @@ def list_models() -> None:
 
 
 @cli.group()
+def sweep() -> None:
+    """Declarative benchmark matrices: plan them, run them here or on a Ray cluster, resume them."""
+
+
+def _matrix(path: Path) -> Any:
+    from capbench_core import sweep as sweeps
+
+    pm = _pm()
+    known = {"backend": pm.backends.names(), "model": pm.models.names(), "task": pm.tasks.names()}
+    return sweeps.load(path, known)
+
+
+@sweep.command("plan")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the cells as JSON.")
+def sweep_plan(path: Path, as_json: bool) -> None:
+    """Expand a matrix file into its cells and show what each needs (GPUs, weight memory, runnable here)."""
+    from capbench_core.model_spec import spec_from_path
+
+    matrix = _matrix(path)
+    pm = _pm()
+    rows = []
+    for cell in matrix.cells:
+        s = cell.settings
+        ref = pm.models.get(s["model"])
+        try:
+            weight_gb: float | None = spec_from_path(ref.path, ref.name).weight_bytes("bfloat16") / 1e9
+        except CapbenchError:
+            weight_gb = None
+        availability = pm.backends.get(s["backend"]).available()
+        rows.append({"cell": cell.hash, "label": cell.label(), "settings": s, "num_gpus": cell.resources.num_gpus,
+                     "accelerator": cell.resources.accelerator, "weights_gb_bf16": weight_gb,
+                     "runs_here": availability.ok, "why_not": availability.reason})
+    if as_json:
+        click.echo(json.dumps({"sweep": matrix.spec.name, "cells": rows}, indent=2))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"sweep {matrix.spec.name}: {len(rows)} cells ({path})"), title_justify="left")
+    for col in ("cell", "backend", "model", "task", "load", "GPUs", "accelerator", "weights GB (bf16)", "here"):
+        table.add_column(col)
+    for r in rows:
+        s = r["settings"]
+        load = f"{s['rate']:g}/s" if s.get("rate") else f"c={s['concurrency']}"
+        table.add_row(*(Text(str(c)) for c in (
+            r["cell"], s["backend"], s["model"], s["task"], load, f"{r['num_gpus']:g}", r["accelerator"] or "—",
+            "—" if r["weights_gb_bf16"] is None else f"{r['weights_gb_bf16']:.3g}",
+            "yes" if r["runs_here"] else f"no: {r['why_not']}")))
+    _console().print(table)
+
+
+@sweep.command("run")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: cells one after another here; ray: each cell a Ray task on a cluster.")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--resume", is_flag=True, help="Skip cells already stored as complete for this sweep.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Ray: times a cell is retried when its worker dies.")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+def sweep_run(path: Path, executor: str, address: str | None, resume: bool, max_retries: int,
+              db_url: str | None) -> None:
+    """Run every cell (or, with --resume, the missing ones) into one database; exits 3 if a cell failed."""
+    from capbench_core import sweep as sweeps
+    from capbench_core.store import Store
+
+    matrix = _matrix(path)
+    store = Store(db_url)
+    cells = sweeps.pending(matrix, store, resume)
+    console = _console()
+    skipped = len(matrix.cells) - len(cells)
+    console.print(_text(f"sweep {matrix.spec.name}: {len(cells)} cell(s) to run"
+                       + (f", {skipped} already complete" if skipped else "") + f" ({executor})"))
+    failed: list[str] = []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("cells", total=len(cells))
+
+        def progress(cell: Any, outcome: Any) -> None:
+            mark = "ok" if outcome.status == "complete" else f"FAILED: {outcome.reason}"
+            bar.console.print(_text(f"{cell.hash} {cell.label()}: {mark}"))
+            if outcome.status != "complete":
+                failed.append(cell.hash)
+            bar.advance(task)
+
+        _sigterm_as_interrupt()
+        if executor == "local":
+            from capbench_core.runner import Reporter, detect_hardware
+
+            sweeps.run_local(matrix, cells, store, detect_hardware(_pm()), Reporter(), progress)
+        else:
+            sweeps.run_ray(matrix, cells, store, address, progress, max_retries)
+    console.print(_text(f"{len(cells) - len(failed)} cell(s) complete, {len(failed)} failed; results in {store.url}"))
+    if failed:
+        sys.exit(3)
+
+
+@cli.group()
 def study() -> None:
     """Studies built on capbench's model analytics and hardware tables."""
 
@@ -493,7 +600,7 @@ def study() -> None:
               help="A datasheet accelerator (e.g. 'H100 SXM'; default) or 'here' (this machine, measured peaks). "
                    "--measure always uses this machine.")
 @click.option("--active-params", type=click.FloatRange(min=1), default=None,
-              help="Active parameters per token, held fixed across the family (default 1e9; 2e7 with --measure).")
+              help="Active parameters per token, held fixed across the family (default 1e9; 5e7 with --measure).")
 @click.option("--experts", default="1,4,8,16,32,64", show_default=True, metavar="E,...",
               help="Experts per MoE layer of each member (1: the dense model).")
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="Experts per token.")
@@ -535,7 +642,7 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
         with console.status("probing hardware (peaks are measured once per machine)…"):
             hw = detect_hardware(_pm())
     if measure:
-        budget = active_params or 2e7
+        budget = active_params or 5e7
         configs = sparsity.family_configs(budget, expert_counts, top_k, sparsity.MEASURE_BASE)
         machine, dtype, context = sparsity.machine_here(hw), "float32", 8 + 16
     else:

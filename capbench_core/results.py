@@ -209,9 +209,12 @@ SCHEMAS: dict[str, type[BaseModel]] = {"run_result": RunResult}
 
 
 def schema_texts() -> dict[str, str]:
-    """File name -> JSON Schema text, as committed under schemas/."""
+    """File name -> JSON Schema text, as committed under schemas/ (results, and sweep matrix files)."""
+    from capbench_core.sweep import SweepFile
+
+    models: dict[str, type[BaseModel]] = {**SCHEMAS, "sweep": SweepFile}
     return {f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
-            for name, model in SCHEMAS.items()}
+            for name, model in models.items()}
 
 
 def write_schemas(directory: Path) -> list[Path]:

@@ -249,6 +249,9 @@ def _compare(result: Any, spec: ModelSpec, machine: Machine, batch: int, context
     if m.decode_step_ms_mean is None or m.decode_batch_mean is None:
         point.note = point.note or m.notes.get("s_mbu", "no decode step was timed")
         return point
+    if result.status != "complete":  # failed requests distort the window-based step time
+        point.note = f"{point.note}; not compared with the roofline".lstrip("; ")
+        return point
     if spec.is_moe:
         point.experts_uniform = expected_distinct_experts(spec.num_experts, spec.top_k, m.decode_batch_mean)
     point.predicted_ms = predict_step_ms(spec, machine, m.decode_batch_mean, context, "float32")

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from capbench_core.errors import CapbenchError
 from capbench_core.results import RunResult
-from capbench_core.store.models import RunRow, StudyRow
+from capbench_core.store.models import RunRow, StudyRow, SweepCellRow
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -159,6 +159,30 @@ class Store:
             return [{"study_id": r.study_id, "created_at": r.created_at, "hardware": r.hardware,
                      "hardware_fingerprint": r.hardware_fingerprint, "capbench_version": r.capbench_version,
                      "study": json.loads(r.study_json)} for r in s.scalars(query)]
+
+    def record_cell(self, sweep: str, cell_hash: str, label: str, status: str, reason: str,
+                    results: list[RunResult], executor: str) -> None:
+        """Store a finished cell's runs and its outcome in one transaction (a cell is never half-written)."""
+        import json
+
+        with self.session() as s:
+            for result in results:
+                values = _row_values(result)
+                stmt = self._insert().values(**values)
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=[RunRow.run_id], set_={k: v for k, v in values.items() if k != "run_id"}))
+            s.merge(SweepCellRow(sweep=sweep, cell_hash=cell_hash, label=label[:512], status=status, reason=reason,
+                                 run_ids=json.dumps([r.run_id for r in results]), executor=executor,
+                                 finished_at=datetime.now(timezone.utc)))
+
+    def sweep_cells(self, sweep: str) -> dict[str, dict[str, Any]]:
+        """cell hash -> {status, reason, label, run_ids, executor} for one sweep."""
+        import json
+
+        with self.session() as s:
+            rows = s.scalars(select(SweepCellRow).where(SweepCellRow.sweep == sweep)).all()
+            return {r.cell_hash: {"status": r.status, "reason": r.reason, "label": r.label,
+                                  "run_ids": json.loads(r.run_ids), "executor": r.executor} for r in rows}
 
     def count(self) -> int:
         with self.session() as s:

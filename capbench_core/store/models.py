@@ -62,3 +62,18 @@ class StudyRow(Base):
     study_json: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index("ix_studies_kind", "kind", "created_at"),)
+
+
+class SweepCellRow(Base):
+    """One cell of a sweep: its last outcome and the runs it stored (JSON list of run ids)."""
+
+    __tablename__ = "sweep_cells"
+
+    sweep: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cell_hash: Mapped[str] = mapped_column(String(16), primary_key=True)
+    label: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    run_ids: Mapped[str] = mapped_column(Text)
+    executor: Mapped[str] = mapped_column(String(16))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
