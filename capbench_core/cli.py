@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +41,12 @@ class CapbenchGroup(click.Group):
             ctx.exit(1)
         except KeyboardInterrupt:
             click.secho("interrupted: what was measured is stored as partial", fg="yellow", err=True)
-            ctx.exit(130)
+            # Every `with` block has closed its engine and every result is committed by now. Leave without
+            # interpreter teardown: an engine thread still inside torch or llama.cpp would abort the process
+            # when native thread objects are destroyed under it ("terminate called ...").
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 @click.group(cls=CapbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
