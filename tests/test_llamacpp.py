@@ -177,3 +177,35 @@ def test_a_killed_capbench_takes_its_engine_with_it(db_url: str) -> None:
     while time.monotonic() < deadline and set(_engine_pids()) - before:
         time.sleep(0.2)
     assert not set(_engine_pids()) - before
+
+
+def test_max_tokens_holds_when_the_model_emits_partial_utf8(tmp_path: Path) -> None:
+    """A random-init model emits lone bytes >= 0x80 that decode to nothing until a sequence completes;
+    every token still counts against max_tokens (llama-cpp-python's streaming completion did not, and ran
+    until the KV cache was full)."""
+    import asyncio
+    from dataclasses import replace
+
+    from capbench_core.backend import ModelRef, SamplingParams
+    from capbench_core.plugins import PluginManager
+    from capbench_core.runner import detect_hardware
+    from capbench_torch_moe.random_init import make_checkpoint
+
+    pm = PluginManager().collect()
+    path = make_checkpoint({"hidden_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 512}, tmp_path)
+    model = ModelRef("random", path)
+    workload = pm.tasks.get("random").build(model, 12, {"input_len": 8, "output_len": 48})
+    workload.requests = [replace(r, sampling=SamplingParams(temperature=1.0, seed=i))  # sampled: any byte
+                         for i, r in enumerate(workload.requests)]
+
+    async def all_requests(session) -> list[tuple[int, str, str | None]]:  # type: ignore[no-untyped-def]
+        out = []
+        for request in workload.requests:
+            chunks = [c async for c in session.stream(request)]
+            out.append((sum(c.num_tokens for c in chunks), "".join(c.text for c in chunks), chunks[-1].finish_reason))
+        return out
+
+    with pm.backends.get("llamacpp").start(model, detect_hardware(pm), {}) as session:
+        outputs = asyncio.run(all_requests(session))
+    assert [(n, finish) for n, _, finish in outputs] == [(48, "length")] * 12
+    assert any("\ufffd" in text or any(ord(ch) > 127 for ch in text) for _, text, _ in outputs)

@@ -111,19 +111,47 @@ class LlamaCppSession:
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
     def _generate(self, req: Request, put: Any) -> None:
+        """Drive llama.cpp token by token, counting every token against max_tokens.
+
+        Not `create_completion(stream=True)`: it holds back tokens that end inside a UTF-8
+        sequence and checks max_tokens only for tokens it emits, so a model that emits many
+        partial bytes ran on until the KV cache was full ("llama_decode returned 1").
+        """
+        import codecs
+
         s = req.sampling
         try:
-            for chunk in self.llm.create_completion(
-                    req.prompt, max_tokens=req.max_tokens, stream=True, temperature=s.temperature,
-                    top_p=s.top_p, repeat_penalty=s.repetition_penalty, seed=s.seed, stop=list(req.stop),
-                    logit_bias={self._eos: BAN} if req.ignore_eos else None):
-                choice = chunk["choices"][0]
-                text, finish = choice["text"], choice.get("finish_reason")
-                put(TokenChunk(text=text, num_tokens=1 if text or not finish else 0, finish_reason=finish,
-                               emitted_ns=time.perf_counter_ns()))
+            prompt = self.llm.tokenize(req.prompt.encode("utf-8"), special=True)
+            self.llm.set_seed(s.seed)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text, done = "", []
+            for token in self.llm.generate(prompt, top_k=0, top_p=s.top_p, min_p=0.0, temp=s.temperature,
+                                           repeat_penalty=s.repetition_penalty,
+                                           logits_processor=[self._ban_eos] if req.ignore_eos else None):
+                if token == self._eos and not req.ignore_eos:
+                    put(TokenChunk(text=decoder.decode(b"", final=True), num_tokens=0, finish_reason="stop",
+                                   emitted_ns=time.perf_counter_ns()))
+                    break
+                piece = decoder.decode(self.llm.detokenize([token], prev_tokens=prompt + done))
+                done.append(token)
+                cut = _stop_at(text + piece, req.stop)
+                if cut is not None:
+                    put(TokenChunk(text=cut[len(text):], num_tokens=1, finish_reason="stop",
+                                   emitted_ns=time.perf_counter_ns()))
+                    break
+                text += piece
+                last = len(done) >= req.max_tokens
+                put(TokenChunk(text=piece + (decoder.decode(b"", final=True) if last else ""), num_tokens=1,
+                               finish_reason="length" if last else None, emitted_ns=time.perf_counter_ns()))
+                if last:
+                    break
             put(None)
         except Exception as exc:  # delivered to the request, not raised on the worker thread
             put(exc)
+
+    def _ban_eos(self, input_ids: Any, scores: Any) -> Any:
+        scores[self._eos] = BAN
+        return scores
 
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         loop = asyncio.get_running_loop()
@@ -134,6 +162,12 @@ class LlamaCppSession:
 
     def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
         return None
+
+
+def _stop_at(text: str, stops: Any) -> str | None:
+    """``text`` cut before the earliest stop string in it, or None when none occurs."""
+    hits = [text.index(stop) for stop in stops if stop and stop in text]
+    return text[:min(hits)] if hits else None
 
 
 class LlamaCppBackend:
