@@ -193,11 +193,11 @@ def decode_step_cost(spec: ModelSpec, step: DecodeStep, dtype: str, kv_dtype: st
     """
     w = DTYPE_BYTES[dtype]
     dense = spec.dense_read_params()
-    experts_read = sum(step.distinct_experts) * spec.expert_params
+    experts_read = sum(step.distinct_experts) * spec.expert_params if spec.is_moe else 0
     embed_rows = step.batch_size * spec.hidden_size if spec.lm_head_params else 0
     kv = step.context_tokens * spec.kv_bytes_per_token(kv_dtype)
     bytes_read = (dense + experts_read + embed_rows) * w + kv
-    active_matmul = dense + spec.moe_layers * spec.top_k * spec.expert_params
+    active_matmul = dense + (spec.moe_layers * spec.top_k * spec.expert_params if spec.is_moe else 0)
     attention = 2 * spec.num_layers * (spec.attn_score_dim + spec.attn_value_dim) * step.context_tokens
     return StepCost(bytes_read, step.batch_size * 2.0 * active_matmul + attention)
 

@@ -98,3 +98,10 @@ def test_loss_fit_needs_a_source_and_computes_eq6(tmp_path) -> None:  # type: ig
     table = run_cli("study", "sparsity", "--loss-fit", str(path), "--compute-budget", "1e20", "--db",
                     f"sqlite:///{tmp_path / 'r.db'}", env={"COLUMNS": "300"}, check=True).stdout
     assert "pretrain loss" in table and "a test fit, not the paper's" in table
+
+
+def test_a_one_expert_member_is_not_counted_twice() -> None:
+    """E = 1 is a dense model: its FFN is read and multiplied once (the same FLOPs as any member)."""
+    machine = sparsity.machine_named("H100 SXM")
+    dense, sparse = sparsity.analyse(sparsity.family(1e9, [1, 8], 2), machine, [64])
+    assert dense.by_batch[64]["flops"] == pytest.approx(sparse.by_batch[64]["flops"], rel=0.01)
