@@ -607,9 +607,15 @@ def study() -> None:
                    "--measure always uses this machine.")
 @click.option("--active-params", type=click.FloatRange(min=1), default=None,
               help="Active parameters per token, held fixed across the family (default 1e9; 5e7 with --measure).")
-@click.option("--experts", default="1,4,8,16,32,64", show_default=True, metavar="E,...",
-              help="Experts per MoE layer of each member (1: the dense model).")
-@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="Experts per token.")
+@click.option("--experts", default=None, metavar="E,...",
+              help="Experts per MoE layer of each member (1: the dense model); default 1,4,8,16,32,64. "
+                   "With --fixed total: one E (default 32).")
+@click.option("--top-k", default=None, metavar="K[,...]",
+              help="Experts per token (default 2). With --fixed total: the values to vary (default 1,2,4,8).")
+@click.option("--fixed", "held", type=click.Choice(["active", "total"]), default="active", show_default=True,
+              help="active: same FLOPs per token, E varies; total: the mirror family, same weights, top-k varies.")
+@click.option("--total-params", type=click.FloatRange(min=1), default=None,
+              help="--fixed total: parameters of every member (default 4e9; 2e8 with --measure).")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, metavar="B,...",
               help="Decode batch sizes (concurrent requests in measured mode).")
 @click.option("--context", type=click.IntRange(min=0), default=1024, show_default=True,
@@ -628,8 +634,9 @@ def study() -> None:
               help="Write PNG and SVG plots here (needs matplotlib: capbench[plots]).")
 @click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database (the study is stored).")
 @click.option("--json", "as_json", is_flag=True, help="Print the study as JSON.")
-def sparsity_study(hardware_name: str | None, active_params: float | None, experts: str, top_k: int, batches: str,
-                   context: int, measure: bool, measure_backends: str, max_weight_gb: float | None,
+def sparsity_study(hardware_name: str | None, active_params: float | None, experts: str | None,
+                   top_k: str | None, held: str, total_params: float | None, batches: str, context: int,
+                   measure: bool, measure_backends: str, max_weight_gb: float | None,
                    loss_fit: Path | None, compute_budget: float, plot_dir: Path | None, db_url: str | None,
                    as_json: bool) -> None:
     """What sparsity costs at serving time: analytic roofline, and (--measure) measured runs beside it."""
@@ -640,7 +647,24 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
     console = _console(stderr=as_json)  # with --json, stdout holds the JSON only
     fit = sparsity.LossFit.from_file(loss_fit) if loss_fit else None
     store = Store(db_url)
-    batch_sizes, expert_counts = _ints(batches, "--batch"), _ints(experts, "--experts")
+    batch_sizes = _ints(batches, "--batch")
+    if held == "total":
+        expert_counts = _ints(experts or "32", "--experts")
+        if len(expert_counts) != 1:
+            raise CapbenchError("--fixed total holds one expert count: give a single --experts value")
+        top_ks = _ints(top_k or "1,2,4,8", "--top-k")
+    else:
+        expert_counts = _ints(experts or "1,4,8,16,32,64", "--experts")
+        top_ks = _ints(top_k or "2", "--top-k")
+        if len(top_ks) != 1:
+            raise CapbenchError("--fixed active holds one top-k: give a single --top-k value (or --fixed total "
+                                "to vary it)")
+
+    def configs_for(base: dict[str, Any] | None, default_active: float, default_total: float) -> Any:
+        if held == "total":
+            return sparsity.mirror_configs(total_params or default_total, expert_counts[0], top_ks, base)
+        return sparsity.family_configs(active_params or default_active, expert_counts, top_ks[0], base)
+
     hw = None
     if measure or hardware_name == "here":
         from capbench_core.runner import detect_hardware
@@ -648,12 +672,10 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
         with console.status("probing hardware (peaks are measured once per machine)…"):
             hw = detect_hardware(_pm())
     if measure:
-        budget = active_params or 5e7
-        configs = sparsity.family_configs(budget, expert_counts, top_k, sparsity.MEASURE_BASE)
+        configs = configs_for(sparsity.MEASURE_BASE, 5e7, 2e8)
         machine, dtype, context = sparsity.machine_here(hw), "float32", 8 + 16
     else:
-        budget = active_params or 1e9
-        configs = sparsity.family_configs(budget, expert_counts, top_k)
+        configs = configs_for(None, 1e9, 4e9)
         if hardware_name == "here":
             machine, dtype = sparsity.machine_here(hw), "float32"
         else:
@@ -667,7 +689,7 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
         measured = sparsity.measure(_pm(), store, hw, configs, batch_sizes, _csv(measure_backends),
                                     _progress_reporter(console), Path(user_cache_dir("capbench")) / "sparsity",
                                     max_weight_gb=max_weight_gb)
-    study = sparsity.to_json(machine, dtype, context, budget, top_k, rows, measured, fit, compute_budget)
+    study = sparsity.to_json(machine, dtype, context, held, rows, measured, fit, compute_budget)
     study["study_id"] = store.save_study("sparsity", machine.name, hw.fingerprint if hw else None, study)
     if plot_dir:
         written = sparsity.write_plots(study, plot_dir)

@@ -202,7 +202,7 @@ def print_sparsity(console: Console, study: dict[str, Any]) -> None:
     """`capbench study sparsity`: one row per family member (roofline per batch), then measured points."""
     machine, members = study["machine"], study["members"]
     batches = list(members[0]["by_batch"]) if members else []
-    title = (f"Sparsity at {study['active_params']:.3g} active parameters, top-{study['top_k']}, on {machine['name']} "
+    title = (f"Sparsity ({study['description']}) on {machine['name']} "
              f"— roofline prediction ({study['dtype']}; {machine['mem_bw_gbps']:g} GB/s, {machine['tflops']:g} "
              f"TFLOP/s, {machine['memory_gb']:.3g} GB; peaks: {machine['peak_source']}; price: "
              f"{machine['price_source']})")

@@ -79,6 +79,31 @@ def family_configs(active_params: float, experts: list[int], top_k: int,
     return configs
 
 
+def mirror_configs(total_params: float, experts: int, top_ks: list[int],
+                   base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The mirror family: ~``total_params`` in every member (E experts of one width), top-k varying, so
+    active parameters and FLOPs per token grow with k while the weights to hold stay the same."""
+    shape = {**BASE_SHAPE, **(base or {})}
+    bad = [k for k in top_ks if k > experts]
+    if bad:
+        raise CapbenchError(f"top-k {bad[0]} is larger than {experts} experts: use --top-k values <= {experts}")
+
+    def total_at(inter: int) -> int:
+        config = {**shape, "num_experts": experts, "num_experts_per_tok": 1, "moe_intermediate_size": inter,
+                  "intermediate_size": inter}
+        return spec_from_config(config, "probe").total_params
+
+    per_unit = total_at(2) - total_at(1)
+    fixed = total_at(1) - per_unit
+    width = (total_params - fixed) / per_unit
+    if width < 1:
+        raise CapbenchError(f"a total budget of {total_params:.3g} parameters is smaller than attention, norms "
+                            f"and embeddings alone ({fixed:.3g}) in this layout; raise --total-params")
+    inter = max(1, round(width))
+    return [{**shape, "num_experts": experts, "num_experts_per_tok": k, "moe_intermediate_size": inter,
+             "intermediate_size": inter} for k in top_ks]
+
+
 def member_name(config: dict[str, Any]) -> str:
     return f"E{config['num_experts']}-k{config['num_experts_per_tok']}"
 
@@ -307,7 +332,7 @@ class LossFit:
                      + self.d / (dense_share ** self.delta * total_params ** self.gamma) + self.e)
 
 
-def to_json(machine: Machine, dtype: str, context: int, active_params: float, top_k: int, rows: list[Row],
+def to_json(machine: Machine, dtype: str, context: int, held: str, rows: list[Row],
             measured: list[Measurement], fit: LossFit | None, compute_budget: float) -> dict[str, Any]:
     """The study as stored in the database and printed by --json."""
     from dataclasses import asdict
@@ -322,7 +347,7 @@ def to_json(machine: Machine, dtype: str, context: int, active_params: float, to
     errors = sorted(p.error for p in measured if p.error is not None)
     return {
         "kind": "sparsity", "machine": asdict(machine), "dtype": dtype, "context_tokens": context,
-        "active_params": active_params, "top_k": top_k, "members": members,
+        "held": held, "description": _describe(held, rows), "members": members,
         "loss": ({"source": fit.source, "compute_budget_flops": compute_budget} if fit else
                  {"source": None, "note": "no loss fit given (--loss-fit): capbench ships no coefficients for "
                                           "Abnar et al. Eq. 6, so the pre-training loss is not shown"}),
@@ -330,6 +355,16 @@ def to_json(machine: Machine, dtype: str, context: int, active_params: float, to
         "error_summary": ({"points": len(errors), "min": errors[0], "median": errors[len(errors) // 2],
                            "max": errors[-1]} if errors else None),
     }
+
+
+def _describe(held: str, rows: list[Row]) -> str:
+    if not rows:
+        return ""
+    if held == "total":
+        return (f"{rows[0].total_params / 1e9:.3g}B total parameters held, {rows[0].experts} experts, "
+                f"top-k {', '.join(str(r.top_k) for r in rows)}")
+    return (f"{rows[0].active_params / 1e9:.3g}B active parameters held, top-{max(r.top_k for r in rows)}, "
+            f"E = {', '.join(str(r.experts) for r in rows)}")
 
 
 def write_plots(study: dict[str, Any], out_dir: Any) -> list[Any]:
@@ -358,8 +393,7 @@ def write_plots(study: dict[str, Any], out_dir: Any) -> list[Any]:
             ax.plot(x, [m["by_batch"][b][key] for m in members], marker="o", label=f"batch {b}")
         ax.set_xlabel("sparsity S = (E - k) / E")
         ax.set_ylabel(label)
-        ax.set_title(f"{study['machine']['name']}: {study['active_params']:.3g} active params, top-{study['top_k']}",
-                     fontsize=9)
+        ax.set_title(f"{study['machine']['name']}: {study['description']}", fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
         written += _save(fig, out / name)

@@ -130,7 +130,7 @@ def _newest_per_machine(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any
     """The newest sparsity study per machine, each with its batch sizes and a tok/s-vs-sparsity chart."""
     newest: dict[str, dict[str, Any]] = {}
     for st in sorted(studies, key=lambda s: s["created_at"], reverse=True):
-        newest.setdefault(st["hardware"], st)
+        newest.setdefault(f"{st['hardware']}/{st['study'].get('held')}", st)
     shown = []
     for st in newest.values():
         members = st["study"]["members"]

@@ -105,3 +105,16 @@ def test_a_one_expert_member_is_not_counted_twice() -> None:
     machine = sparsity.machine_named("H100 SXM")
     dense, sparse = sparsity.analyse(sparsity.family(1e9, [1, 8], 2), machine, [64])
     assert dense.by_batch[64]["flops"] == pytest.approx(sparse.by_batch[64]["flops"], rel=0.01)
+
+
+def test_mirror_family_holds_total_params_and_varies_top_k(db_url: str) -> None:
+    configs = sparsity.mirror_configs(4e9, 32, [1, 2, 4, 8])
+    members = [sparsity.spec_from_config(c, sparsity.member_name(c)) for c in configs]
+    assert len({m.total_params for m in members}) == 1 and abs(members[0].total_params - 4e9) / 4e9 < 0.01
+    actives = [m.active_params for m in members]
+    assert actives == sorted(actives) and actives[-1] > 1.5 * actives[0]
+    assert [round(m.sparsity, 4) for m in members] == [0.9688, 0.9375, 0.875, 0.75]
+    study = json.loads(run_cli("study", "sparsity", "--fixed", "total", "--json", "--db", db_url, check=True).stdout)
+    assert study["held"] == "total" and [m["top_k"] for m in study["members"]] == [1, 2, 4, 8]
+    proc = run_cli("study", "sparsity", "--fixed", "total", "--experts", "4,8", "--db", db_url)
+    assert proc.returncode == 1 and "give a single --experts value" in proc.stderr
