@@ -181,7 +181,7 @@ def test_ctrl_c_keeps_finished_cells_and_resume_runs_the_rest(tmp_path: Path, db
     sweep.communicate(timeout=120)
     assert sweep.returncode == 130
     finished = {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
-    assert 1 <= len(finished) < 8
+    assert 0 < len(finished) < 8
     resumed = run_cli("sweep", "run", str(path), "--resume", "--db", db_url, check=True)
     assert f"{8 - len(finished)} cell(s) to run, {len(finished)} already complete" in resumed.stdout
     assert len(_cells(db_url)) == 8

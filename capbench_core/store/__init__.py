@@ -6,7 +6,9 @@ directory. Each save is one transaction; saving the same result twice is a no-op
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -17,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from capbench_core import __version__
 from capbench_core.errors import CapbenchError
 from capbench_core.results import RunResult
 from capbench_core.store.models import RunRow, StudyRow, SweepCellRow
@@ -138,11 +141,6 @@ class Store:
 
     def save_study(self, kind: str, hardware: str, fingerprint: str | None, study: dict[str, Any]) -> str:
         """Store one study (its parameters and rows, JSON-serialisable); returns its id."""
-        import json
-        import uuid
-
-        from capbench_core import __version__
-
         study_id = str(uuid.uuid4())
         with self.session() as s:
             s.add(StudyRow(study_id=study_id, kind=kind, created_at=datetime.now(timezone.utc),
@@ -152,8 +150,6 @@ class Store:
 
     def studies(self, kind: str) -> list[dict[str, Any]]:
         """Stored studies of one kind, newest first: {study_id, created_at, hardware, ..., study}."""
-        import json
-
         query = select(StudyRow).where(StudyRow.kind == kind).order_by(StudyRow.created_at.desc())
         with self.session() as s:
             return [{"study_id": r.study_id, "created_at": r.created_at, "hardware": r.hardware,
@@ -163,8 +159,6 @@ class Store:
     def record_cell(self, sweep: str, cell_hash: str, label: str, status: str, reason: str,
                     results: list[RunResult], executor: str) -> None:
         """Store a finished cell's runs and its outcome in one transaction (a cell is never half-written)."""
-        import json
-
         with self.session() as s:
             for result in results:
                 values = _row_values(result)
@@ -177,8 +171,6 @@ class Store:
 
     def sweep_cells(self, sweep: str) -> dict[str, dict[str, Any]]:
         """cell hash -> {status, reason, label, run_ids, executor} for one sweep."""
-        import json
-
         with self.session() as s:
             rows = s.scalars(select(SweepCellRow).where(SweepCellRow.sweep == sweep)).all()
             return {r.cell_hash: {"status": r.status, "reason": r.reason, "label": r.label,
