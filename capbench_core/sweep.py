@@ -334,8 +334,9 @@ def run_ray(matrix: Matrix, cells: list[Cell], store: Any, address: str | None, 
 
     started = not ray.is_initialized()
     if started:
-        kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": local_cpus,
-                                                                         "include_dashboard": False}
+        # with no address: a private Ray instance on loopback, gone when the sweep ends
+        kwargs: dict[str, Any] = {"address": address} if address else {
+            "num_cpus": local_cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
         try:
             ray.init(**kwargs, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
