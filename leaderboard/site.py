@@ -133,7 +133,11 @@ def _newest_per_machine(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any
         newest.setdefault(f"{st['hardware']}/{st['study'].get('held')}", st)
     shown = []
     for st in newest.values():
-        members = st["study"]["members"]
+        study = st["study"]
+        if "description" not in study:  # studies stored before families were described
+            study["description"] = (f"{study.get('active_params', 0):.3g} active parameters held, "
+                                    f"top-{study.get('top_k', '?')}")
+        members = study["members"]
         batches = list(members[0]["by_batch"]) if members else []
         series = [(f"batch {b}", [(m["sparsity"], m["by_batch"][b]["tok_per_s"]) for m in members]) for b in batches]
         shown.append({**st, "batches": batches, "chart": charts.lines(series, "sparsity", "tokens/s")})
