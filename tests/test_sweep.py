@@ -185,3 +185,47 @@ def test_ctrl_c_keeps_finished_cells_and_resume_runs_the_rest(tmp_path: Path, db
     resumed = run_cli("sweep", "run", str(path), "--resume", "--db", db_url, check=True)
     assert f"{8 - len(finished)} cell(s) to run, {len(finished)} already complete" in resumed.stdout
     assert len(_cells(db_url)) == 8
+
+
+def test_ray_executor_into_a_shared_postgresql_database(tmp_path: Path, pg_admin_url: str,
+                                                        ray_installed: None) -> None:
+    """The maintainers' setup: Ray cells, the driver writing to PostgreSQL, the leaderboard built from it."""
+    from tests import postgres
+
+    url = postgres.new_database(pg_admin_url)
+    path = _matrix(tmp_path)
+    proc = run_cli("sweep", "run", str(path), "--executor", "ray", "--db", url, check=True)
+    assert "8 cell(s) complete, 0 failed" in proc.stdout
+    assert len(_cells(url)) == 8 and len(Store(url).runs()) == 8
+    run_cli("leaderboard", "build", "--db", url, "--out", str(tmp_path / "site"), check=True)
+    assert (tmp_path / "site" / "index.html").read_text().count('<tr class="group">') == 1
+
+
+def test_ctrl_c_on_a_ray_sweep_cancels_cells_and_leaves_no_ray_process(tmp_path: Path, db_url: str,
+                                                                        ray_installed: None) -> None:
+    import psutil
+
+    path = _matrix(tmp_path)
+    path.write_text(path.read_text().replace("num_requests: 4", "num_requests: 24"))
+    sweep = subprocess.Popen([CAPBENCH, "sweep", "run", str(path), "--executor", "ray", "--db", db_url],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and sweep.poll() is None:
+        try:
+            if any(c["status"] == "complete" for c in _cells(db_url).values()):
+                break
+        except CapbenchError:
+            pass
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    sweep.communicate(timeout=120)
+    assert sweep.returncode == 130
+    finished = {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
+    assert 0 < len(finished) < 8
+    time.sleep(2)
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(part.startswith("ray::") or part.endswith(("raylet", "gcs_server")) for part in
+                   (p.info["cmdline"] or []))]
+    assert mine == [], [p.info["cmdline"] for p in mine]
+    resumed = run_cli("sweep", "run", str(path), "--executor", "ray", "--resume", "--db", db_url, check=True)
+    assert f"{8 - len(finished)} cell(s) to run, {len(finished)} already complete" in resumed.stdout
