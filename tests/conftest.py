@@ -71,16 +71,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     return proc
 
 
+def missing(message: str) -> None:
+    """A system dependency a test drives for real is absent: skip here, fail under CI (where setup installs it)."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     """A real PostgreSQL server for this test session (see tests/postgres.py)."""
     from tests import postgres
 
     if postgres.bindir() is None:
-        message = f"PostgreSQL is not installed: {postgres.INSTALL_HINT}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"PostgreSQL is not installed: {postgres.INSTALL_HINT}")
     with postgres.server() as url:
         yield url
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -16,7 +15,7 @@ from markupsafe import escape
 
 from capbench_core.store import Store
 from capbench_leaderboard import charts, site
-from tests.conftest import CAPBENCH, run_cli
+from tests.conftest import CAPBENCH, missing, run_cli
 from tests.seed import HARDWARE, MODEL, result, seeded
 
 HOSTILE = ['<script>alert("x")</script>', "\"'><img src=x onerror=alert(1)>", "x" * 300,
@@ -133,10 +132,8 @@ def served_site(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
 def _chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        message = "Debian's chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("Debian's chromium is not installed: apt-get install -y chromium (.ci/run installs it)")
+    assert path is not None
     return path
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from capbench_core.errors import CapbenchError
 from capbench_core.store import Store
-from tests.conftest import CAPBENCH, run_cli
+from tests.conftest import CAPBENCH, missing, run_cli
 
 MATRIX = """name: cpu-smoke
 fixed:
@@ -100,10 +100,7 @@ def ray_installed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        message = "Ray is not installed (pip install 'capbench[ray]')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("Ray is not installed (pip install 'capbench[ray]')")
 
 
 def test_ray_executor_stores_the_same_cells_as_the_local_one(tmp_path: Path, ray_installed: None) -> None:
