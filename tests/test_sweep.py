@@ -38,6 +38,25 @@ def _cells(db_url: str, sweep: str = "cpu-smoke") -> dict[str, dict]:  # type: i
     return Store(db_url).sweep_cells(sweep)
 
 
+def _interrupt_after_a_finished_cell(path: Path, db_url: str, extra: list[str]) -> set[str]:
+    """Start a sweep, send Ctrl-C once a cell is stored as complete; check the exit code and return the
+    hashes of the cells that finished."""
+    sweep = subprocess.Popen([CAPBENCH, "sweep", "run", str(path), *extra, "--db", db_url],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and sweep.poll() is None:
+        try:
+            if any(c["status"] == "complete" for c in _cells(db_url).values()):
+                break
+        except CapbenchError:  # the sweep may still be creating the database
+            pass
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    sweep.communicate(timeout=120)
+    assert sweep.returncode == 130
+    return {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
+
+
 def test_plan_expands_the_product_with_stable_hashes(tmp_path: Path) -> None:
     path = _matrix(tmp_path)
     first = json.loads(run_cli("sweep", "plan", str(path), "--json", check=True).stdout)
@@ -163,21 +182,7 @@ def test_a_worker_killed_mid_sweep_is_retried_and_a_resumed_sweep_adds_only_miss
 def test_ctrl_c_keeps_finished_cells_and_resume_runs_the_rest(tmp_path: Path, db_url: str) -> None:
     path = _matrix(tmp_path)
     path.write_text(path.read_text().replace("num_requests: 4", "num_requests: 24"))
-    sweep = subprocess.Popen([CAPBENCH, "sweep", "run", str(path), "--db", db_url], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and sweep.poll() is None:
-        try:
-            if any(c["status"] == "complete" for c in _cells(db_url).values()):
-                break
-        except CapbenchError:  # the sweep may still be creating the database
-            time.sleep(0.2)
-            continue
-        time.sleep(0.2)
-    sweep.send_signal(signal.SIGINT)
-    sweep.communicate(timeout=120)
-    assert sweep.returncode == 130
-    finished = {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
+    finished = _interrupt_after_a_finished_cell(path, db_url, [])
     assert 0 < len(finished) < 8
     resumed = run_cli("sweep", "run", str(path), "--resume", "--db", db_url, check=True)
     assert f"{8 - len(finished)} cell(s) to run, {len(finished)} already complete" in resumed.stdout
@@ -204,20 +209,7 @@ def test_ctrl_c_on_a_ray_sweep_cancels_cells_and_leaves_no_ray_process(tmp_path:
 
     path = _matrix(tmp_path)
     path.write_text(path.read_text().replace("num_requests: 4", "num_requests: 24"))
-    sweep = subprocess.Popen([CAPBENCH, "sweep", "run", str(path), "--executor", "ray", "--db", db_url],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and sweep.poll() is None:
-        try:
-            if any(c["status"] == "complete" for c in _cells(db_url).values()):
-                break
-        except CapbenchError:
-            pass
-        time.sleep(0.2)
-    sweep.send_signal(signal.SIGINT)
-    sweep.communicate(timeout=120)
-    assert sweep.returncode == 130
-    finished = {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
+    finished = _interrupt_after_a_finished_cell(path, db_url, ["--executor", "ray"])
     assert 0 < len(finished) < 8
     time.sleep(2)
     mine = [p for p in psutil.process_iter(["cmdline"])
