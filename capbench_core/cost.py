@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from capbench_core.errors import CapbenchError, unknown_name
+from capbench_core.errors import CapbenchError, find_name
 from capbench_core.results import HardwareSpec, Metrics
 
 HOURS_PER_YEAR = 8766  # 365.25 days
@@ -60,9 +60,7 @@ def price_table() -> list[PriceRow]:
 
 def price_row(row_id: str) -> PriceRow:
     rows = {row.id: row for row in price_table()}
-    if row_id not in rows:
-        raise unknown_name("price table row", row_id, rows)
-    return rows[row_id]
+    return rows[find_name("price table row", row_id, rows)]
 
 
 def rows_for(accelerator: str) -> list[PriceRow]:

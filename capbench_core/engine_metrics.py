@@ -57,6 +57,25 @@ FLAVORS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
             "server_e2e_ms_mean": ("sglang:e2e_request_latency_seconds",),
         },
     },
+    # llama.cpp's llama-server --metrics (tools/server/server-task.cpp, to_metrics): counters of tokens and of
+    # the seconds spent on them, llama_decode() calls, and a running average of busy slots per decode call.
+    "llamacpp": {
+        "counters": {
+            "prompt_tokens": ("llamacpp:prompt_tokens_total",),
+            "generation_tokens": ("llamacpp:tokens_predicted_total",),
+            "decode_calls": ("llamacpp:n_decode_total",),
+        },
+        "gauges": {
+            "requests_running": ("llamacpp:requests_processing",),
+            "requests_waiting": ("llamacpp:requests_deferred",),
+        },
+        "histograms": {},
+        # our name -> (numerator counter, denominator counter) of a windowed ratio, x 1000 (seconds -> ms)
+        "ratios": {
+            "server_prompt_ms_per_token": ("llamacpp:prompt_seconds_total", "llamacpp:prompt_tokens_total"),
+            "server_tpot_ms_mean": ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total"),
+        },
+    },
 }
 
 
@@ -118,10 +137,35 @@ def window(before: Mapping[str, float], after: Mapping[str, float], flavor: str)
             values[key] = None
             continue
         values[key] = (s1 - s0) / (c1 - c0) * 1e3  # type: ignore[operator]
+    for key, (num, den) in spec.get("ratios", {}).items():
+        values[key] = _windowed_ratio(before, after, num, den)
+    if flavor == "llamacpp":
+        values["decode_batch_mean"] = _busy_slots(before, after)
     for key, value in values.items():
         if value is None:
             notes[key] = f"the engine's /metrics has no {key} sample ({flavor} names) in this window"
     return values, notes
+
+
+def _windowed_ratio(before: Mapping[str, float], after: Mapping[str, float], num: str, den: str) -> float | None:
+    """Δnum / Δden x 1000 over the window (seconds per token -> ms per token); None without a change."""
+    try:
+        d_num, d_den = after[num] - before[num], after[den] - before[den]
+    except KeyError:
+        return None
+    return d_num / d_den * 1e3 if d_den > 0 else None
+
+
+def _busy_slots(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """Mean busy slots per llama_decode() call over the window, from llama.cpp's running average
+    (average x calls = busy-slot total, so the window's is the difference of the products)."""
+    avg, calls = "llamacpp:n_busy_slots_per_decode", "llamacpp:n_decode_total"
+    try:
+        d_calls = after[calls] - before[calls]
+        d_busy = after[avg] * after[calls] - before[avg] * before[calls]
+    except KeyError:
+        return None
+    return d_busy / d_calls if d_calls > 0 else None
 
 
 @dataclass
@@ -134,10 +178,22 @@ class WindowReport:
     expert_method: str = ""
 
 
+DECODE_MODE = 2  # SGLang's ForwardMode.DECODE
+
+
+@dataclass(frozen=True)
+class ExpertCounts:
+    """Distinct experts per MoE layer, averaged over the forward passes that count, and how."""
+
+    per_layer: list[float]
+    method: str
+
+
 class ExpertRecorder:
-    """SGLang's expert-distribution recorder: start, stop, dump; the dump is a torch file
-    ``expert_distribution_recorder_*.pt`` in ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``
-    holding ``logical_count`` [forward passes, layers, experts] (stat mode)."""
+    """SGLang's expert-distribution recorder: start, stop, dump. The dump is a torch file in
+    ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``: in ``per_token`` mode one per rank with a record per
+    forward pass (its forward mode and each token's top-k expert ids per layer); in ``stat`` mode one
+    ``logical_count`` [forward passes, layers, experts] that mixes prefill and decode passes."""
 
     def __init__(self, base_url: str, directory: Path):
         self.base_url = base_url.rstrip("/")
@@ -153,7 +209,7 @@ class ExpertRecorder:
     def start(self) -> None:
         self._post("/start_expert_distribution_record")
 
-    def stop_and_read(self) -> list[float]:
+    def stop_and_read(self) -> ExpertCounts:
         before = set(self.directory.glob("expert_distribution_recorder_*.pt"))
         self._post("/stop_expert_distribution_record")
         self._post("/dump_expert_distribution_record")
@@ -161,25 +217,46 @@ class ExpertRecorder:
         if not new:
             raise ScrapeError(f"the recorder dump wrote no file into {self.directory} "
                               f"(is SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR the same directory?)")
-        return distinct_per_layer(new[-1])
+        rank0 = [f for f in new if f.stem.endswith("_0")] or new
+        return distinct_per_layer(rank0[-1])
 
 
-def distinct_per_layer(path: Path) -> list[float]:
-    """Mean over forward passes of distinct experts per layer from a `stat` dump."""
+def distinct_per_layer(path: Path) -> ExpertCounts:
+    """Mean distinct experts per layer: over decode passes (per_token dump) or over all passes (stat dump)."""
     import torch
 
     try:
-        data: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-        counts = data["logical_count"]
+        data: Any = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # any unreadable dump: the metric is null with the reason
         raise ScrapeError(f"cannot read recorder dump {path}: {type(exc).__name__}: {exc}") from None
-    if counts.dim() != 3 or counts.shape[0] == 0:
-        raise ScrapeError(f"recorder dump {path}: logical_count has shape {tuple(counts.shape)}, "
-                          f"expected [passes, layers, experts]")
+    if isinstance(data, dict) and "records" in data:
+        return _decode_passes(path, data["records"])
+    counts = data.get("logical_count") if isinstance(data, dict) else None
+    if counts is None or counts.dim() != 3 or counts.shape[0] == 0:
+        raise ScrapeError(f"recorder dump {path}: expected per_token records or logical_count [passes, layers, "
+                          f"experts], got {type(data).__name__}")
     active = counts[counts.sum(dim=(1, 2)) > 0]  # passes of the window (the buffer may hold empty slots)
     if active.shape[0] == 0:
         raise ScrapeError(f"recorder dump {path}: no forward pass was recorded")
-    return [float(x) for x in (active > 0).sum(dim=-1).float().mean(dim=0)]
+    per_layer = [float(x) for x in (active > 0).sum(dim=-1).float().mean(dim=0)]
+    return ExpertCounts(per_layer, f"SGLang expert-distribution recorder (stat): distinct experts per layer over "
+                                   f"{active.shape[0]} forward passes; the stat buffer cannot tell prefill passes "
+                                   f"from decode passes, so both are in this mean")
+
+
+def _decode_passes(path: Path, records: list[dict[str, Any]]) -> ExpertCounts:
+    decode = [r for r in records if int(r.get("forward_mode", -1)) == DECODE_MODE]
+    if not decode:
+        raise ScrapeError(f"recorder dump {path}: none of its {len(records)} forward passes was a decode pass")
+    per_pass = []
+    for r in decode:
+        ids = r["topk_ids_of_layer"]  # [layers, tokens, slots], unused slots -1
+        per_pass.append([len({int(x) for x in layer.flatten().tolist() if x >= 0}) for layer in ids])
+    layers = len(per_pass[0])
+    per_layer = [sum(p[i] for p in per_pass) / len(per_pass) for i in range(layers)]
+    return ExpertCounts(per_layer, f"SGLang expert-distribution recorder (per_token): distinct experts per layer "
+                                   f"in each of {len(decode)} decode passes, averaged; {len(records) - len(decode)} "
+                                   f"prefill passes left out; step times from the client")
 
 
 class EngineProbe:
@@ -212,9 +289,8 @@ class EngineProbe:
                 report.notes["engine_metrics"] = str(exc)
         if self.recorder is not None and "experts" not in report.notes:
             try:
-                report.experts_per_layer = self.recorder.stop_and_read()
-                report.expert_method = ("SGLang expert-distribution recorder (stat): distinct experts per layer "
-                                        "per forward pass, averaged over the window; step times from the client")
+                counts = self.recorder.stop_and_read()
+                report.experts_per_layer, report.expert_method = counts.per_layer, counts.method
             except ScrapeError as exc:
                 report.notes["experts"] = str(exc)
         return report

@@ -13,10 +13,31 @@ class CapbenchError(Exception):
     """
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str]) -> CapbenchError:
-    """`unknown backend 'vlm' — did you mean 'vllm'? Available: a, b`."""
+def unknown_name(kind: str, name: str, known: Iterable[str], candidates: Iterable[str] = ()) -> CapbenchError:
+    """`unknown backend 'vlm' — did you mean 'vllm'? Available: a, b` (``candidates``: the ones to suggest)."""
     choices = sorted(known)
-    close = difflib.get_close_matches(name, choices, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
+    close = list(candidates) or difflib.get_close_matches(name, choices, n=3)
+    hint = f" — did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     listing = ", ".join(choices) if choices else "(none)"
     return CapbenchError(f"unknown {kind} '{name}'{hint} Available: {listing}")
+
+
+def _folded(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def find_name(kind: str, name: str, known: Iterable[str]) -> str:
+    """The known name a user meant: exact, else the same ignoring case, spaces and punctuation, else the
+    only one it is a prefix of (`h100 sxm`, `torch`, `tiny`). Several prefixes, or none: an error that
+    suggests the candidates."""
+    choices = list(known)
+    if name in choices:
+        return name
+    folded = _folded(name)
+    same = [c for c in choices if _folded(c) == folded]
+    if len(same) == 1:
+        return same[0]
+    prefixed = [c for c in choices if folded and _folded(c).startswith(folded)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    raise unknown_name(kind, name, choices, sorted(prefixed))

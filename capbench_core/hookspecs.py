@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from capbench_core.plugins import BackendRegistry, HardwareRegistry, ModelRegistry, TaskRegistry
+    from capbench_core.plugins import BackendRegistry, EngineRegistry, HardwareRegistry, ModelRegistry, TaskRegistry
     from capbench_core.results import RunResult
 
 PROJECT = "capbench"
@@ -43,6 +43,19 @@ def register_backends(register: BackendRegistry) -> None:
     yields a :class:`~capbench_core.backend.Session`.
     Called once when the plugin manager loads; a name already registered by
     another plugin is an error naming both plugins.
+    """
+
+
+@hookspec
+def register_engines(register: EngineRegistry) -> None:
+    """Add engine environments: how to install an engine in its own virtualenv (or build).
+
+    Call ``register.add_engine(recipe)`` with a subclass of
+    :class:`capbench_core.engines.Recipe`: a unique ``name`` (what a user types in
+    ``capbench engines install NAME``), the package per device, the install
+    ``steps(device)`` and ``check(ctx)``, which proves the engine runs and says
+    what was installed. A backend that launches from it names it in
+    ``Backend.engine_env``.
     """
 
 

@@ -42,9 +42,13 @@ class StreamingClient:
         self.timeout_s = timeout_s
         self._idle: list[_Conn] = []
 
-    async def _connect(self) -> _Conn:
-        if self._idle:
-            return self._idle.pop()
+    async def _connect(self, fresh: bool = False) -> _Conn:
+        """An idle keep-alive connection the server has not closed, else a new one."""
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            if not conn.reader.at_eof() and not conn.writer.is_closing():
+                return conn
+            conn.writer.close()
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port, limit=1 << 22), 10)
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -61,8 +65,25 @@ class StreamingClient:
 
     async def post_stream(self, path: str, body: bytes,
                           content_type: str = "application/json") -> AsyncIterator[tuple[int, bytes]]:
-        """POST and yield (status, body piece) as bytes arrive; the status comes with every piece."""
-        conn = await self._connect()
+        """POST and yield (status, body piece) as bytes arrive; the status comes with every piece.
+
+        A kept-alive connection the server closed between requests (some servers close idle ones
+        without saying so) fails before any response byte: the request is sent again, once, on a
+        new connection; it cannot have been processed."""
+        reused = bool(self._idle)
+        got_any = False
+        try:
+            async for piece in self._post_once(await self._connect(), path, body, content_type):
+                got_any = True
+                yield piece
+        except ConnectionClosed:
+            if not reused or got_any:
+                raise
+            async for piece in self._post_once(await self._connect(fresh=True), path, body, content_type):
+                yield piece
+
+    async def _post_once(self, conn: _Conn, path: str, body: bytes,
+                         content_type: str) -> AsyncIterator[tuple[int, bytes]]:
         headers = [*self.headers, ("content-type", content_type), ("content-length", str(len(body)))]
         try:
             conn.writer.write(conn.h11.send(h11.Request(method="POST", target=self.prefix + path, headers=headers))

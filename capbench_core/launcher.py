@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from capbench_core import progress
 from capbench_core.errors import CapbenchError
 
 
@@ -130,8 +131,10 @@ def _reap_group(pgid: int, wait_s: float) -> None:
 
 @contextmanager
 def launch(argv: Sequence[str], base_url: str, log_path: Path, health_paths: Sequence[str] = ("/health",),
-           timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Run ``argv`` until the block ends; the process group is always torn down."""
+           timeout_s: float = 300.0, env: dict[str, str] | None = None, label: str = "engine") -> Iterator[Server]:
+    """Run ``argv`` until the block ends; the process group is always torn down.
+
+    Start-up is shown as a phase with elapsed time (engines take from seconds to minutes)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         try:
@@ -142,7 +145,8 @@ def launch(argv: Sequence[str], base_url: str, log_path: Path, health_paths: Seq
             raise CapbenchError(f"cannot start {shlex.join(argv)}: {exc.strerror}") from None
     server = Server(list(argv), process, base_url, log_path)
     try:
-        wait_ready(server, health_paths, timeout_s)
+        with progress.waiting(f"{label}: starting the engine (log: {log_path})"):
+            wait_ready(server, health_paths, timeout_s)
         yield server
     finally:
         stop(server)

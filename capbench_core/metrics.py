@@ -16,7 +16,7 @@ import numpy as np
 
 from capbench_core.backend import DecodeStep
 from capbench_core.model_spec import DTYPE_BYTES, ModelSpec
-from capbench_core.results import Metrics, RequestRecord
+from capbench_core.results import DecodeSteps, Metrics, RequestRecord
 
 NS_PER_MS = 1e6
 
@@ -111,6 +111,28 @@ def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial:
     return steps
 
 
+def server_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, generated: float, step_ms: float,
+                      batch: float) -> list[DecodeStep]:
+    """Decode steps from an engine's own counters, for engines whose stream reaches the client in bursts
+    (llama-server): ``generated`` tokens in steps of ``batch`` sequences (its busy slots per decode call),
+    each ``step_ms`` long (its generation seconds per generated token), A the uniform-routing expectation."""
+    ok = [r for r in records if not r.warmup and r.error_kind is None]
+    if generated <= 0 or step_ms <= 0 or batch <= 0 or not ok:
+        return []
+    b = max(1, round(batch))
+    ctx = sum((r.prompt_tokens or 0) + (r.output_tokens or 0) / 2 for r in ok) / len(ok)
+    a = uniform_expected_experts(spec.num_experts, spec.top_k, b) if spec.is_moe else 0.0
+    return [DecodeStep(b, round(step_ms * 1e6), round(b * ctx), [a] * spec.moe_layers)
+            for _ in range(max(1, round(generated / batch)))]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost-like, benefit-like) pairs — latency and throughput, predicted loss and tok/s: True where
+    no other point is at least as good in both and strictly better in one."""
+    return [not any(j != i and a2 <= a and b2 >= b and (a2 < a or b2 > b) for j, (a2, b2) in enumerate(points))
+            for i, (a, b) in enumerate(points)]
+
+
 def latency_and_throughput(records: Sequence[RequestRecord], window_ns: int | None) -> Metrics:
     """Latency percentiles, token counts and throughputs over the measured requests."""
     measured = [r for r in records if not r.warmup]
@@ -188,18 +210,38 @@ def decode_step_cost(spec: ModelSpec, step: DecodeStep, dtype: str, kv_dtype: st
     """Bytes read and FLOPs of one decode step with B live sequences and measured A_l.
 
     bytes = dense weights (all but routed experts and the input table) + sum_l A_l x expert bytes
-            + B embedding rows + KV bytes of every live sequence's context.
-    FLOPs = B x 2 x (dense weights + top_k x expert params per MoE layer) + attention at the context.
+            + B embedding rows + KV bytes each live sequence's attention reads.
+    FLOPs = B x (matmul FLOPs per token: 2 x dense weights but norms + 2 x top_k x expert params per MoE
+            layer) + attention (q.k and p.v) against the cached tokens each sequence attends to.
+    Sliding-window layers read and attend to at most their window: the step's summed context is taken
+    as B sequences of its mean length (exact when they are equal; an upper bound otherwise).
     """
     w = DTYPE_BYTES[dtype]
     dense = spec.dense_read_params()
     experts_read = sum(step.distinct_experts) * spec.expert_params if spec.is_moe else 0
     embed_rows = step.batch_size * spec.hidden_size if spec.lm_head_params else 0
-    kv = step.context_tokens * spec.kv_bytes_per_token(kv_dtype)
+    batch = max(step.batch_size, 1)
+    attended = batch * spec.attended_tokens(step.context_tokens / batch)  # summed over layers
+    kv = attended * spec.kv_elements_per_token * DTYPE_BYTES[kv_dtype]
     bytes_read = (dense + experts_read + embed_rows) * w + kv
-    active_matmul = dense + (spec.moe_layers * spec.top_k * spec.expert_params if spec.is_moe else 0)
-    attention = 2 * spec.num_layers * (spec.attn_score_dim + spec.attn_value_dim) * step.context_tokens
-    return StepCost(bytes_read, step.batch_size * 2.0 * active_matmul + attention)
+    attention = 2 * (spec.attn_score_dim + spec.attn_value_dim) * attended
+    return StepCost(bytes_read, step.batch_size * spec.matmul_flops_per_token() + attention)
+
+
+def steps_record(steps: Sequence[DecodeStep], source: str, method: str, dtype: str) -> DecodeSteps | None:
+    """The decode steps as stored with the result (None when there were none)."""
+    if not steps:
+        return None
+    return DecodeSteps(source="measured" if source == "measured" else "estimated", method=method, dtype=dtype,
+                       batch_size=[s.batch_size for s in steps], step_ns=[s.step_ns for s in steps],
+                       context_tokens=[s.context_tokens for s in steps],
+                       distinct_experts=[list(s.distinct_experts) for s in steps])
+
+
+def stored_steps(record: DecodeSteps) -> list[DecodeStep]:
+    """Decode steps back from their stored form."""
+    return [DecodeStep(batch_size=b, step_ns=t, context_tokens=c, distinct_experts=list(a))
+            for b, t, c, a in zip(record.batch_size, record.step_ns, record.context_tokens, record.distinct_experts)]
 
 
 def sparse_efficiency(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], source: str, method: str,

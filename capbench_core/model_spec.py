@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class ArchShape:
     shared_experts: int = 0
     router_params: int = 0       # one MoE layer
     lm_head_bias: bool = False
+    sliding_window: int = 0      # tokens a windowed layer keeps and attends to (0: no window)
+    sliding_layers: int = 0      # how many layers use it
 
 
 @dataclass(frozen=True)
@@ -130,23 +132,48 @@ class ModelSpec:
     attn_score_dim: int
     attn_value_dim: int
     components: dict[str, Component] = field(default_factory=dict)
+    sliding_window: int = 0
+    sliding_layers: int = 0
+    mla: dict[str, int] = field(default_factory=dict)  # DeepSeek MLA dims, for the absorbed FLOPs form
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
 
-    def flops_per_token(self, context_len: int) -> float:
-        """Forward FLOPs for one token at ``context_len``: 2 x active matmul params + attention.
+    def attended_tokens(self, context_len: float) -> float:
+        """Cached tokens one new token attends to, summed over layers: a sliding-window layer keeps and
+        reads at most its window, every other layer the whole context."""
+        windowed = min(context_len, self.sliding_window) if self.sliding_window else context_len
+        return (self.num_layers - self.sliding_layers) * context_len + self.sliding_layers * windowed
 
-        The input embedding is a lookup (no FLOPs); the LM head is a matmul, so
-        the matmul params are ``active_params_no_embed`` (a tied table stays in it).
-        """
-        matmul_params = self.active_params_no_embed  # includes the LM head (tied or not)
-        attention = 2 * self.num_layers * (self.attn_score_dim + self.attn_value_dim) * context_len
-        return 2.0 * matmul_params + attention
+    def matmul_flops_per_token(self) -> float:
+        """2 x the matmul weights one token multiplies: active params without the input embedding (a
+        lookup), the LM head included (tied or not). Norm weights are elementwise and not counted."""
+        return 2.0 * (self.active_params_no_embed - self.components.get("norms", Component(0, 0)).active)
+
+    def flops_per_token(self, context_len: int) -> float:
+        """Forward FLOPs for one token at ``context_len``: matmuls + attention (q.k and p.v against every
+        attended cached token; sliding-window layers attend to at most their window)."""
+        attention = 2 * (self.attn_score_dim + self.attn_value_dim) * self.attended_tokens(context_len)
+        return self.matmul_flops_per_token() + attention
+
+    def flops_per_token_mla_absorbed(self, context_len: int) -> float | None:
+        """MLA only: FLOPs with the weight absorption decode kernels run (vLLM, SGLang): scores and values
+        against the cached latent (kv_lora_rank + rope dims per head) instead of per-head keys and values.
+        The matmul part is the same (the absorbed projections multiply the same weights)."""
+        if not self.mla:
+            return None
+        heads, rank, rope = self.mla["num_heads"], self.mla["kv_lora_rank"], self.mla["qk_rope_head_dim"]
+        attention = 2 * heads * ((rank + rope) + rank) * self.attended_tokens(context_len)
+        return self.matmul_flops_per_token() + attention
 
     def kv_bytes_per_token(self, dtype: str = "bfloat16") -> float:
+        """KV-cache bytes one token adds, over every layer (windowed layers drop it again later)."""
         return self.num_layers * self.kv_elements_per_token * DTYPE_BYTES[dtype]
+
+    def kv_bytes_at_context(self, context_len: int, dtype: str = "bfloat16") -> float:
+        """KV-cache bytes one sequence of ``context_len`` tokens holds: windowed layers keep at most the window."""
+        return self.attended_tokens(context_len) * self.kv_elements_per_token * DTYPE_BYTES[dtype]
 
     def weight_bytes(self, dtype: str = "bfloat16") -> float:
         return self.total_params * DTYPE_BYTES[dtype]
@@ -177,7 +204,11 @@ class ModelSpec:
             "moe_layers": self.moe_layers,
             "flops_per_token": self.flops_per_token(context_len),
             "flops_context_len": context_len,
+            "flops_per_token_mla_absorbed": self.flops_per_token_mla_absorbed(context_len),
             "kv_bytes_per_token": self.kv_bytes_per_token(dtype),
+            "kv_bytes_at_context": self.kv_bytes_at_context(context_len, dtype),
+            "sliding_window": self.sliding_window or None,
+            "sliding_layers": self.sliding_layers,
             "kv_dtype": dtype,
             "weight_bytes": self.weight_bytes(dtype),
             "expert_bytes_per_layer": self.expert_bytes(dtype),
@@ -221,7 +252,10 @@ def count(shape: ArchShape, name: str) -> ModelSpec:
         active_params_no_embed=no_embed, sparsity=sparsity, expert_params=shape.expert_params,
         embedding_params=embed, lm_head_params=head,
         kv_elements_per_token=shape.attn.kv_elements_per_token(),
-        attn_score_dim=score_dim, attn_value_dim=value_dim, components=comps)
+        attn_score_dim=score_dim, attn_value_dim=value_dim, components=comps,
+        sliding_window=shape.sliding_window, sliding_layers=shape.sliding_layers if shape.sliding_window else 0,
+        mla={"num_heads": shape.attn.num_heads, "kv_lora_rank": shape.attn.kv_lora_rank,
+             "qk_rope_head_dim": shape.attn.qk_rope_head_dim} if shape.attn.kind == "mla" else {})
 
 
 # --- per-architecture normalisers ---------------------------------------------
@@ -360,6 +394,26 @@ ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], ArchShape]] = {
 }
 
 
+def sliding_attention(c: Mapping[str, Any]) -> tuple[int, int]:
+    """(window, layers using it) from a config, 0 when no layer is windowed.
+
+    * ``layer_types`` (gpt-oss, newer transformers configs): the ``sliding_attention`` layers;
+    * Qwen (``use_sliding_window``): layers from ``max_window_layers`` on (the first ones stay full);
+    * Mistral/Mixtral-style ``sliding_window`` set on its own: every layer.
+    """
+    window = int(c.get("sliding_window") or 0)
+    layers = int(c.get("num_hidden_layers") or c.get("n_layers") or 0)
+    if not window:
+        return 0, 0
+    if c.get("layer_types"):
+        return window, sum(1 for t in c["layer_types"] if t == "sliding_attention")
+    if str(c.get("model_type", "")).startswith("qwen"):
+        if not c.get("use_sliding_window"):
+            return 0, 0
+        return window, max(0, layers - int(c.get("max_window_layers", layers)))
+    return window, layers
+
+
 def spec_from_config(config: Mapping[str, Any], name: str = "model") -> ModelSpec:
     """Analytics for a Hugging Face config dict."""
     model_type = config.get("model_type")
@@ -370,7 +424,8 @@ def spec_from_config(config: Mapping[str, Any], name: str = "model") -> ModelSpe
         shape = ARCHITECTURES[str(model_type)](config)
     except KeyError as exc:
         raise CapbenchError(f"config of {name} ({model_type}) lacks the field {exc.args[0]!r}") from None
-    return count(shape, name)
+    window, layers = sliding_attention(config)
+    return count(replace(shape, sliding_window=window, sliding_layers=layers), name)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -431,6 +486,14 @@ def config_from_gguf(path: Path) -> dict[str, Any]:
 
 def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     return spec_from_config(config_from_gguf(path), name or path.stem)
+
+
+def config_of(path: Path) -> dict[str, Any] | None:
+    """The config dict analytics would use for ``path`` (config.json or GGUF metadata), None if unreadable."""
+    try:
+        return config_from_gguf(path) if path.suffix == ".gguf" else load_config(path)
+    except CapbenchError:
+        return None
 
 
 def spec_from_path(path: Path, name: str | None = None) -> ModelSpec:

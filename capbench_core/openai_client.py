@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import EngineInfo, ExpertActivation, Request, TokenChunk, Usage
+from capbench_core.backend import EngineInfo, Request, Session, TokenChunk, Usage
 from capbench_core.engine_metrics import EngineProbe, WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.http import ConnectionClosed, StreamingClient
@@ -68,7 +68,7 @@ def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
         raise CapbenchError(f"{url} did not return an OpenAI model list") from None
 
 
-class OpenAISession:
+class OpenAISession(Session):
     """A Session over an OpenAI-compatible server.
 
     ``body_hook(request, body)`` lets a backend add its engine's own sampling
@@ -81,8 +81,9 @@ class OpenAISession:
                  count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,
                  timeout_s: float = 600.0, body_hook: Callable[[Request, dict[str, Any]], None] | None = None,
                  probe: EngineProbe | None = None, serial_decode: bool = False):
-        self.base_url = base_url.rstrip("/")
-        self.model = model
+        self.base_url: str | None = base_url.rstrip("/")
+        self.served_model: str | None = model
+        self._url = self.base_url
         self.engine = engine
         self._count = count_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -97,14 +98,14 @@ class OpenAISession:
         loop = asyncio.get_running_loop()
         client = self._clients.get(id(loop))
         if client is None:
-            client = StreamingClient(self.base_url, self._headers, self._timeout_s)
+            client = StreamingClient(self._url, self._headers, self._timeout_s)
             self._clients = {id(loop): client}
         return client
 
     def body(self, req: Request) -> dict[str, Any]:
         s = req.sampling
         body: dict[str, Any] = {
-            "model": self.model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
+            "model": self.served_model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": s.temperature, "top_p": s.top_p,
             "seed": s.seed, "repetition_penalty": s.repetition_penalty,
         }
@@ -178,10 +179,6 @@ class OpenAISession:
         if self._count is None:
             raise CapbenchError("no tokenizer is known for this endpoint's model")
         return self._count(text)
-
-    def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
-        """A server reports no decode steps; the runner estimates them, or uses the probe's measured A."""
-        return None
 
     def begin_window(self) -> None:
         """Called by the runner just before the measured requests."""

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import pluggy
 
 from capbench_core import hookspecs
-from capbench_core.errors import CapbenchError, unknown_name
+from capbench_core.errors import CapbenchError, find_name
 
 if TYPE_CHECKING:
     from capbench_core.backend import Backend, ModelRef
+    from capbench_core.engines import Recipe
     from capbench_core.results import Device, RunResult
     from capbench_core.workload import Task
 
@@ -57,10 +58,18 @@ class Registry(Generic[T]):
         self._owner[name] = plugin
         self._manager.info(plugin).registers.setdefault(self.kind, []).append(name)
 
+    def _require(self, item: Backend | Task | Recipe, base: type, kind: str, where: str) -> None:
+        """A registered object must subclass the base class that declares the whole contract, and be named."""
+        plugin = self._manager.current_plugin
+        if not isinstance(item, base):
+            raise CapbenchError(f"plugin '{plugin}' registered a {kind} ({type(item).__name__}) that does not "
+                                f"subclass {where}: subclass it (docs/plugins.md)")
+        if not item.name:
+            raise CapbenchError(f"plugin '{plugin}' registered a {kind} ({type(item).__name__}) without a name")
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise unknown_name(self.kind, name, self._items)
-        return self._items[name]
+        """By name, forgivingly (case, punctuation, an unambiguous prefix); else "did you mean"."""
+        return self._items[find_name(self.kind, name, self._items)]
 
     def names(self) -> list[str]:
         return list(self._items)
@@ -74,24 +83,33 @@ class Registry(Generic[T]):
 
 class BackendRegistry(Registry["Backend"]):
     def add_backend(self, backend: Backend) -> None:
-        for attr in ("name", "available", "start"):
-            if not hasattr(backend, attr):
-                raise CapbenchError(f"plugin '{self._manager.current_plugin}' registered a backend "
-                                    f"without '{attr}': see capbench_core.backend.Backend")
+        from capbench_core.backend import Backend
+
+        self._require(backend, Backend, "backend", "capbench_core.backend.Backend")
         self._add(backend.name, backend)
 
 
 class TaskRegistry(Registry["Task"]):
     def add_task(self, task: Task) -> None:
+        from capbench_core.workload import Task
+
+        self._require(task, Task, "task", "capbench_core.workload.Task")
         self._add(task.name, task)
 
     def get(self, name: str) -> Task:
         """`family:variant` names (``lm-eval:gsm8k``) go to the family's ``variant(name)``."""
         family, sep, variant = name.partition(":")
-        if sep and family in self.names() and hasattr(super().get(family), "variant"):
-            task: Task = super().get(family).variant(variant)  # type: ignore[attr-defined]
-            return task
+        if sep and family in self.names():
+            return super().get(family).variant(variant)
         return super().get(name)
+
+
+class EngineRegistry(Registry["Recipe"]):
+    def add_engine(self, recipe: Recipe) -> None:
+        from capbench_core.engines import Recipe
+
+        self._require(recipe, Recipe, "engine", "capbench_core.engines.Recipe")
+        self._add(recipe.name, recipe)
 
 
 class ModelRegistry(Registry["ModelRef"]):
@@ -121,6 +139,7 @@ class PluginManager:
         self.tasks = TaskRegistry("task", self)
         self.models = ModelRegistry("model", self)
         self.hardware_probes = HardwareRegistry("hardware probe", self)
+        self.engines = EngineRegistry("engine", self)
         self._collected = False
         if load_entry_points:
             self._load_entry_points()
@@ -132,7 +151,13 @@ class PluginManager:
         """Add a plugin object; used for entry points and by tests."""
         if name in self.plugins and self.pm.get_plugin(name) is not None:
             raise CapbenchError(f"two plugins are named '{name}' ({self.plugins[name].source} and {source})")
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            raise CapbenchError(f"plugin '{name}' ({source}) does not match capbench's hooks: {exc}. "
+                                f"Hook names and arguments are in capbench_core/hookspecs.py") from None
         self.plugins[name] = PluginInfo(name, source)
         self._collected = False
 
@@ -158,7 +183,7 @@ class PluginManager:
             return
         self._collected = True
         for registry, hook in ((self.backends, "register_backends"), (self.tasks, "register_tasks"),
-                               (self.models, "register_models"),
+                               (self.models, "register_models"), (self.engines, "register_engines"),
                                (self.hardware_probes, "register_hardware_probes")):
             caller = getattr(self.pm.hook, hook)
             for impl in caller.get_hookimpls():

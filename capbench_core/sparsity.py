@@ -20,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from capbench_core import losslaw
 from capbench_core.backend import DecodeStep
 from capbench_core.errors import CapbenchError
-from capbench_core.metrics import decode_step_cost
+from capbench_core.losslaw import LossFit
+from capbench_core.metrics import decode_step_cost, pareto_front
 from capbench_core.model_spec import ModelSpec, spec_from_config
 
 BASE_SHAPE: dict[str, Any] = {
@@ -152,13 +154,11 @@ def analyse(members: list[ModelSpec], machine: Machine, batches: list[int], dtyp
 def machine_named(name: str, dtype: str = "bfloat16") -> Machine:
     """A datasheet accelerator by name (case-insensitive), priced by its cheapest price-table row."""
     from capbench_core.cost import rows_for
-    from capbench_core.errors import unknown_name
+    from capbench_core.errors import find_name
     from capbench_core.hardware import datasheet
 
-    rows = {str(r["name"]).lower(): r for r in datasheet()}
-    row = rows.get(name.lower())
-    if row is None:
-        raise unknown_name("hardware", name, [str(r["name"]) for r in datasheet()] + ["here"])
+    rows = {str(r["name"]): r for r in datasheet()}
+    row = rows[find_name("hardware", name, list(rows))]
     tflops = row["tflops"].get(dtype)
     if tflops is None:
         raise CapbenchError(f"the datasheet has no dense {dtype} peak for {row['name']}")
@@ -284,56 +284,44 @@ def _compare(result: Any, spec: ModelSpec, machine: Machine, batch: int, context
     return point
 
 
-@dataclass(frozen=True)
-class LossFit:
-    """Coefficients of Abnar et al. (2025), Eq. 6: L(N, D, S) = a/N^alpha + b/D^beta + c/(1-S)^lambda
-    + d/((1-S)^delta N^gamma) + e, with N total parameters, D training tokens, S = (E - K)/E.
+FIXED_SIZES = (1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11)
 
-    capbench ships no values: give the paper's Table 3 (or your own fit) with its source."""
 
-    a: float
-    alpha: float
-    b: float
-    beta: float
-    c: float
-    lam: float
-    d: float
-    delta: float
-    gamma: float
-    e: float
-    source: str
-
-    @classmethod
-    def from_file(cls, path: Any) -> LossFit:
-        import json
-        from pathlib import Path
-
-        try:
-            doc = json.loads(Path(path).read_text())
-            values = {k: float(doc[k]) for k in ("a", "alpha", "b", "beta", "c", "lambda", "d", "delta", "gamma",
-                                                 "e")}
-            source = str(doc["source"]).strip()
-        except FileNotFoundError:
-            raise CapbenchError(f"no loss-fit file {path}") from None
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise CapbenchError(f"{path}: a loss fit is JSON with numbers a, alpha, b, beta, c, lambda, d, "
-                                f"delta, gamma, e and a non-empty 'source' ({exc})") from None
-        if not source:
-            raise CapbenchError(f"{path}: 'source' is empty: say where the coefficients come from")
-        values["lam"] = values.pop("lambda")
-        return cls(**values, source=source)
-
-    def loss(self, total_params: float, active_params: float, sparsity: float, compute_flops: float) -> float:
-        """Predicted pre-training loss at a compute budget C, with D = C / (6 N_active) tokens."""
-        tokens = compute_flops / (6 * active_params)
-        dense_share = 1 - sparsity
-        return float(self.a / total_params ** self.alpha + self.b / tokens ** self.beta
-                     + self.c / dense_share ** self.lam
-                     + self.d / (dense_share ** self.delta * total_params ** self.gamma) + self.e)
+def joint(fit: LossFit, compute: float, experts: list[int], top_k: int, machine: Machine, batch: int, dtype: str,
+          context: int) -> dict[str, Any]:
+    """Both halves in one view: per sparsity, the compute-optimal model at ``compute`` training FLOPs
+    (Eq. 6 with ``fit``) and what serving it costs on ``machine`` at decode batch ``batch`` (roofline)."""
+    optima = [losslaw.compute_optimal(fit, compute, e, top_k) for e in experts]
+    specs = [p.spec() for p in optima]
+    rows = analyse(specs, machine, [batch], dtype, context)
+    members: list[dict[str, Any]] = []
+    for p, spec, row in zip(optima, specs, rows):
+        v = row.by_batch[batch]
+        members.append({"name": f"E{p.experts}-k{p.top_k}", "experts": p.experts, "top_k": p.top_k,
+                        "sparsity": p.sparsity, "hidden": p.hidden, "layers": spec.num_layers,
+                        "predicted_loss": p.loss, "total_params": p.total_params, "active_params": p.active_params,
+                        "training_tokens": p.tokens, "weight_bytes": spec.weight_bytes(dtype),
+                        "fits_memory": row.fits, "tok_per_s": v["tok_per_s"], "cost_usd_per_mtok": v["usd_per_mtok"],
+                        "bound": v["bound"], "extrapolated": list(p.extrapolated)})
+    servable = [m for m in members if m["fits_memory"]]
+    front = pareto_front([(m["predicted_loss"], float(m["tok_per_s"])) for m in servable])  # lower loss vs cheaper
+    for m in members:
+        m["pareto"] = False
+    for m, on in zip(servable, front):
+        m["pareto"] = on
+    fixed = [losslaw.best_sparsity_at_size(fit, compute, n, experts, top_k) for n in FIXED_SIZES]
+    return {"compute_budget_flops": compute, "batch": batch, "top_k": top_k, **fit.provenance(),
+            "layout": "qwen3_moe layout grown in width and depth together (losslaw.scaled_config): hidden h, h/128 "
+                      "layers, 64-dim heads, GPT-NeoX vocabulary 50304, active FFN 4h split over the k experts",
+            "members": members,
+            "fixed_size": [{"total_params": n, "best_sparsity": p.sparsity, "best_experts": p.experts,
+                            "predicted_loss": p.loss} for n, p in zip(FIXED_SIZES, fixed)],
+            "dense_best_below_params": losslaw.dense_best_below(fit, compute, experts, top_k)}
 
 
 def to_json(machine: Machine, dtype: str, context: int, held: str, rows: list[Row],
-            measured: list[Measurement], fit: LossFit | None, compute_budget: float) -> dict[str, Any]:
+            measured: list[Measurement], fit: LossFit | None, compute_budget: float,
+            joint_view: dict[str, Any] | None = None) -> dict[str, Any]:
     """The study as stored in the database and printed by --json."""
     from dataclasses import asdict
 
@@ -348,9 +336,10 @@ def to_json(machine: Machine, dtype: str, context: int, held: str, rows: list[Ro
     return {
         "kind": "sparsity", "machine": asdict(machine), "dtype": dtype, "context_tokens": context,
         "held": held, "description": _describe(held, rows), "members": members,
-        "loss": ({"source": fit.source, "compute_budget_flops": compute_budget} if fit else
-                 {"source": None, "note": "no loss fit given (--loss-fit): capbench ships no coefficients for "
-                                          "Abnar et al. Eq. 6, so the pre-training loss is not shown"}),
+        "loss": ({"source": fit.source, "label": fit.label, "fit": fit.name, "compute_budget_flops": compute_budget}
+                 if fit else {"source": None, "note": "no loss fit given (--loss-fit abnar2025 or a file of your "
+                                                      "own): the pre-training loss is not shown"}),
+        "joint": joint_view,
         "measured": [asdict(p) for p in measured],
         "error_summary": ({"points": len(errors), "min": errors[0], "median": errors[len(errors) // 2],
                            "max": errors[-1]} if errors else None),

@@ -297,7 +297,8 @@ def _ray_cell(settings: dict[str, Any]) -> dict[str, Any]:
     """Body of the Ray task: run the cell on the worker's own hardware into a throwaway in-memory store,
     and send the results back as JSON; only the driver writes to the shared database."""
     from capbench_core.plugins import PluginManager
-    from capbench_core.runner import Reporter, detect_hardware
+    from capbench_core.progress import Reporter
+    from capbench_core.runner import detect_hardware
     from capbench_core.store import Store
 
     pm = PluginManager().collect()

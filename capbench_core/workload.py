@@ -6,9 +6,10 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from capbench_core.backend import ModelRef, Request
+from capbench_core.errors import CapbenchError
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,28 @@ class Workload:
         return verdicts
 
 
-@runtime_checkable
-class Task(Protocol):
-    name: str
-    description: str
+class Task:
+    """Base class of every task: a workload builder, optionally with an outside scorer.
+
+    Subclasses set ``name`` and ``description`` and implement ``build``. The
+    other members are optional capabilities (docs/plugins.md lists them).
+    """
+
+    name: str = ""
+    description: str = ""
+    #: Scored by an outside harness against the served endpoint (``evaluate``), not per request.
+    scores_externally: bool = False
 
     def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
         """Make ``num_requests`` requests; options come from ``--task-option k=v``."""
-        ...
+        raise NotImplementedError
+
+    def variant(self, name: str) -> Task:
+        """The task ``family:name`` (``lm-eval:gsm8k``) for a task family; plain tasks have none."""
+        raise CapbenchError(f"task '{self.name}' has no variants, so '{self.name}:{name}' does not exist")
+
+    def evaluate(self, base_url: str, served_model: str, model: ModelRef,
+                 options: Mapping[str, Any]) -> tuple[dict[str, float], int]:
+        """With ``scores_externally``: score the server at ``base_url``; (metric -> score, samples scored)."""
+        raise NotImplementedError
+

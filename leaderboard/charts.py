@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from capbench_core.metrics import pareto_front
 from capbench_core.report import load_label
 from capbench_core.results import Metrics, RunResult
 
@@ -141,17 +142,6 @@ class Scatter:
     skipped: list[str]
 
 
-def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """For (latency, throughput) pairs: True where no other point is at least as fast and at least as
-    productive, and strictly better in one of the two."""
-    flags = []
-    for i, (lat, tput) in enumerate(points):
-        dominated = any(j != i and o_lat <= lat and o_tput >= tput and (o_lat < lat or o_tput > tput)
-                        for j, (o_lat, o_tput) in enumerate(points))
-        flags.append(not dominated)
-    return flags
-
-
 def _ticks(high: float, count: int = 5) -> list[float]:
     step = 10 ** math.floor(math.log10(high / count)) if high > 0 else 1.0
     for mult in (1, 2, 2.5, 5, 10):
@@ -179,7 +169,7 @@ def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int 
         return round(bottom - (bottom - top) * v / y_max, 1)
 
     coords = [(r.metrics.tpot_ms_p50 or 0.0, r.metrics.output_tok_per_s or 0.0) for r in plotted]
-    flags = dict(zip((r.run_id for r in plotted), pareto(coords)))
+    flags = dict(zip((r.run_id for r in plotted), pareto_front(coords)))
     series, names = [], sorted({r.backend for r in plotted})
     for i, name in enumerate(names):
         rs = sorted((r for r in plotted if r.backend == name),

@@ -108,7 +108,8 @@ class BuildSummary:
     runs: int
 
 
-def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, Any]] = ()) -> BuildSummary:
+def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, Any]] = (),
+          provenance: dict[str, dict[str, Any]] | None = None) -> BuildSummary:
     """Render the site into ``out``, atomically (see the module docstring)."""
     out = out.resolve()
     if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
@@ -118,7 +119,7 @@ def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, A
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         hw_groups = groups(results)
-        _render(tmp, hw_groups, results, _newest_per_machine(studies))
+        _render(tmp, hw_groups, results, _newest_per_machine(studies), provenance or {})
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,11 +145,22 @@ def _newest_per_machine(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any
     return shown
 
 
+def submitted(p: dict[str, Any] | None) -> str:
+    """Who a row comes from: measured here, or imported — by a trusted signer, a signed but untrusted key,
+    or unsigned."""
+    if not p or p.get("origin") != "import":
+        return "measured here"
+    if p.get("submitter"):
+        return f"{p['submitter']} (signed)"
+    return "signed, key not trusted" if p.get("signed_by") else "unsigned import"
+
+
 def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunResult],
-            studies: list[dict[str, Any]]) -> None:
+            studies: list[dict[str, Any]], provenance: dict[str, dict[str, Any]]) -> None:
     env = _env()
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    common = {"built": built, "version": __version__, "extra_pages": ["sparsity.html"] if studies else []}
+    common = {"built": built, "version": __version__, "extra_pages": ["sparsity.html"] if studies else [],
+              "submitted": lambda run_id: submitted(provenance.get(run_id))}
     (root / "assets").mkdir()
     for asset in (HERE / "assets").iterdir():
         shutil.copyfile(asset, root / "assets" / asset.name)

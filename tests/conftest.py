@@ -4,14 +4,20 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from capbench_core.plugins import PluginManager
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every process this test session starts inherits this mark, so the session can tell its own engine
+# processes from anything else running on the machine (tests/engines.py).
+SESSION_VAR = "CAPBENCH_TEST_SESSION"
+os.environ.setdefault(SESSION_VAR, f"{os.getpid()}-{time.monotonic_ns()}")
 CAPBENCH = shutil.which("capbench", path=str(Path(sys.executable).parent)) or "capbench"
 
 
@@ -97,3 +103,35 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     from tests import postgres
 
     return postgres.new_database(request.getfixturevalue("pg_admin_url"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_outlives_the_session() -> Iterator[None]:
+    """Every test ends the processes it starts, children included; one left behind fails the session
+    (and is killed, so it cannot slow down whatever runs next)."""
+    import signal
+
+    from tests.engines import engine_pids, wait_gone
+
+    before = engine_pids()
+    yield
+    left = wait_gone(before, timeout_s=30)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"engine processes outlived the test session (killed now): {left}"
+
+
+@pytest.fixture(scope="session")
+def genuine_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """12 real runs measured here (torch_moe and llamacpp, c = 1..6, priced, with an SLO): the genuine
+    material bundles and forgeries are made from."""
+    from capbench_core.store import Store
+
+    db = f"sqlite:///{tmp_path_factory.mktemp('genuine') / 'runs.db'}"
+    run_cli("run", "--backend", "torch_moe,llamacpp", "--num-requests", "6", "--warmup", "1", "--concurrency",
+            "1,2,3,4,5,6", "--price-usd-per-hour", "1.25", "--slo", "ttft_ms=200,tpot_ms=50", "--db", db,
+            check=True)
+    return list(reversed(Store(db).runs()))

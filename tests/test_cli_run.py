@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import CAPBENCH, install_plugin, run_cli
+from tests.conftest import install_plugin, run_cli
+from tests.engines import background
 
 
 def test_run_prints_cap_table_and_stores_every_run(tmp_path: Path, db_url: str) -> None:
@@ -40,7 +38,7 @@ def test_run_prints_cap_table_and_stores_every_run(tmp_path: Path, db_url: str) 
     with create_engine(db_url).connect() as conn:
         assert conn.execute(text("select count(*) from runs")).scalar() == 2
     shown = run_cli("compare", "--db", db_url, check=True).stdout
-    assert "torch_moe" in shown and "complete" in shown
+    assert "torch_moe" in shown and "c=4" in shown and "status" not in shown  # status only when not complete
     rows = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
     assert {row["concurrency"] for row in rows} == {1, 4}
 
@@ -84,7 +82,8 @@ def test_model_without_weights_names_the_file(tmp_path: Path, db_url: str) -> No
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(
         (Path(__file__).parent / "data" / "model_configs" / "mixtral-8x7b.json").read_text())
-    proc = run_cli("run", "--model", str(tmp_path / "m"), "--db", db_url, "--num-requests", "2")
+    proc = run_cli("run", "--backend", "torch_moe", "--model", str(tmp_path / "m"), "--db", db_url,
+                   "--num-requests", "2")
     assert proc.returncode == 3
     assert "failed" in proc.stdout and "tokenizer.json is missing" in proc.stdout
 
@@ -92,15 +91,15 @@ def test_model_without_weights_names_the_file(tmp_path: Path, db_url: str) -> No
 BROKEN = '''
     from contextlib import contextmanager
     from capbench_core import hookimpl
-    from capbench_core.backend import Availability
+    from capbench_core.backend import Availability, Backend
 
-    class Broken:
+    class Broken(Backend):
         name = "broken"
         description = "fails to start"
         def available(self):
             return Availability.yes()
         @contextmanager
-        def start(self, model, hardware, options):
+        def start(self, model, hardware, options, shape):
             raise RuntimeError("engine exited with code 1 during start-up")
             yield
 
@@ -123,15 +122,13 @@ def test_a_backend_that_fails_to_start_gets_a_failed_row(tmp_path: Path, db_url:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stores_partial_run_and_exits_130(db_url: str, sig: signal.Signals) -> None:
-    proc = subprocess.Popen([CAPBENCH, "run", "--backend", "torch_moe", "--num-requests", "5000", "--warmup", "0",
-                             "--concurrency", "1", "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "COLUMNS": "200"})
+    with background("run", "--backend", "torch_moe", "--num-requests", "5000", "--warmup", "0",
+                    "--concurrency", "1", "--db", db_url) as run:
+        run.wait_for("torch_moe c=1: 500/5000", 600)  # a tenth of the requests are done
+        run.proc.send_signal(sig)
+        assert run.finish(120) == 130, "".join(run.lines)
+    assert "stored as partial" in "".join(run.lines)
     engine = create_engine(db_url)
-    time.sleep(8)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "stored as partial" in err
     with engine.connect() as conn:
         status, body = conn.execute(text("select status, result_json from runs")).one()
     result = json.loads(body)

@@ -1,5 +1,6 @@
-"""vLLM and SGLang plugins without a GPU: argv, availability, and full runs against stand-ins
-that speak each engine's documented API with known delays and known expert counts."""
+"""vLLM and SGLang plugins where the real engines cannot show it: GPU flags and parallelism argv,
+availability without an engine environment, and engine reports that are malformed (stand-ins that
+speak each engine's documented API with injected faults). The real engines run in test_real_engines.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from capbench_core.backend import ModelRef
 from capbench_core.engine_metrics import ScrapeError, parse, window
+from capbench_core.engines import Resolved
 from capbench_core.testing import Timing, reference_server
 from capbench_sglang import SGLangBackend
 from capbench_vllm import VLLMBackend
@@ -24,8 +26,9 @@ def test_vllm_argv_passes_parallelism_and_quantisation_through() -> None:
     opts = b.parse({"tp": "2", "dp": "4", "enable_expert_parallel": "true", "quantization": "fp8",
                     "max_model_len": "8192", "gpu_memory_utilization": "0.85",
                     "extra_args": "--enable-eplb --eplb-config '{\"window_size\": 1000}'"})
-    argv = b.argv(MODEL, 8123, opts)
-    assert argv[1:3] == ["serve", "/models/tiny-moe"]
+    argv = b.argv("/envs/vllm/bin/python", MODEL, 8123, opts)
+    assert argv[:5] == ["/envs/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                        "/models/tiny-moe"]
     line = shlex.join(argv)
     for part in ("--host 127.0.0.1", "--port 8123", "--served-model-name tiny-moe", "--tensor-parallel-size 2",
                  "--data-parallel-size 4", "--quantization fp8", "--max-model-len 8192",
@@ -33,22 +36,27 @@ def test_vllm_argv_passes_parallelism_and_quantisation_through() -> None:
         assert part in line, part
     assert "--enable-expert-parallel" in argv
     assert argv[-3:] == ["--enable-eplb", "--eplb-config", '{"window_size": 1000}']
-    no_ep = b.argv(MODEL, 1, b.parse({"enable_expert_parallel": "false"}))
+    no_ep = b.argv("python", MODEL, 1, b.parse({"enable_expert_parallel": "false"}))
     assert "--enable-expert-parallel" not in no_ep
 
 
 def test_sglang_argv_enables_metrics_and_the_expert_recorder() -> None:
     b = SGLangBackend()
-    argv = b.argv(MODEL, 30001, b.parse({"tp": "8", "ep": "8", "dp": "2", "mem_fraction_static": "0.8",
-                                          "quantization": "fp8", "extra_args": "--disable-cuda-graph"}))
+    argv = b.argv("python", MODEL, 30001, b.parse({"tp": "8", "ep": "8", "dp": "2", "mem_fraction_static": "0.8",
+                                                    "quantization": "fp8", "extra_args": "--disable-cuda-graph"}))
     line = shlex.join(argv)
-    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert argv[1:3] == ["-m", "sglang.launch_server"] and "--device" not in argv  # CUDA: SGLang's default
     for part in ("--model-path /models/tiny-moe", "--port 30001", "--enable-metrics", "--tp-size 8",
                  "--ep-size 8", "--dp-size 2", "--mem-fraction-static 0.8", "--quantization fp8",
-                 "--expert-distribution-recorder-mode stat", "--random-seed 0"):
+                 "--expert-distribution-recorder-mode per_token", "--random-seed 0"):
         assert part in line, part
     assert argv[-1] == "--disable-cuda-graph"
-    assert b.env({}, Path("/run"))["SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"] == "/run/experts"
+    cuda = Resolved("python", "sglang", "0.5.23", "cuda", "cuda", "test")
+    assert b.env({}, Path("/run"), cuda) == {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": "/run/experts"}
+    cpu = Resolved("python", "sglang", "0.5.23", "cpu", "cpu", "test")
+    assert b.env({}, Path("/run"), cpu)["SGLANG_USE_CPU_ENGINE"] == "1"
+    cpu_argv = b.argv("python", MODEL, 1, {**b.parse({}), "device": "cpu"})
+    assert "--device cpu --disable-cuda-graph --disable-overlap-schedule" in shlex.join(cpu_argv)
 
 
 def test_unknown_engine_option_is_named() -> None:
@@ -57,15 +65,15 @@ def test_unknown_engine_option_is_named() -> None:
 
 
 @pytest.mark.parametrize("backend", ["vllm", "sglang"])
-def test_here_each_engine_says_why_in_one_sentence(backend: str, db_url: str) -> None:
-    proc = run_cli("run", "--backend", backend, "--db", db_url)
+def test_without_its_environment_each_engine_says_what_to_run(backend: str, db_url: str, tmp_path: Path) -> None:
+    env = {"CAPBENCH_ENGINES_DIR": str(tmp_path / "no-engines")}
+    proc = run_cli("run", "--backend", backend, "--db", db_url, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {backend} cannot run here: ")
-    assert "not installed" in lines[0] or "CUDA GPU" in lines[0]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    data = json.loads(run_cli("plugins", "--json", check=True).stdout)["backends"][backend]
-    assert data["available"] is False and data["reason"]
+    assert lines == [f"error: {backend} cannot run here: {backend}'s environment is not installed: run "
+                     f"`capbench engines install {backend}` (or point CAPBENCH_{backend.upper()}_PYTHON at your own)"]
+    data = json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)["backends"][backend]
+    assert data["available"] is False and f"capbench engines install {backend}" in data["reason"]
 
 
 def _run(backend: str, url: str, db_url: str, *extra: str) -> dict:  # type: ignore[type-arg]
@@ -74,43 +82,6 @@ def _run(backend: str, url: str, db_url: str, *extra: str) -> dict:  # type: ign
             check=True)
     [row] = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
     return row  # type: ignore[no-any-return]
-
-
-def test_vllm_stand_in_gives_a_full_row_with_server_latencies(db_url: str) -> None:
-    with reference_server(Timing(ttft_ms=30, tpot_ms=5, flavor="vllm", model="tiny-moe")) as url:
-        row = _run("vllm", url, db_url)
-        shown = run_cli("compare", "--db", db_url, check=True).stdout
-    assert row["status"] == "complete" and row["engine_version"] == "vllm 0.0.0-stand-in"
-    assert row["server_ttft_ms_mean"] == pytest.approx(30, abs=1e-6)
-    assert row["server_tpot_ms_mean"] == pytest.approx(5, abs=1e-6)
-    assert 30 <= row["ttft_ms_p50"] < 36  # client view = server + network/client share
-    assert row["expert_activation_source"] == "estimated"
-    assert "server TTFT mean ms" in shown
-
-
-def test_vllm_metric_deltas_cover_only_the_window(db_url: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    with reference_server(Timing(ttft_ms=2, tpot_ms=1, flavor="vllm", model="tiny-moe")) as url:
-        _run("vllm", url, db_url)
-    with create_engine(db_url).connect() as conn:
-        body = json.loads(conn.execute(text("select result_json from runs")).scalar_one())
-    em = body["engine_metrics"]
-    assert em["generation_tokens"] == 120 and em["requests_finished"] == 12  # warm-up excluded
-    assert em["kv_cache_usage"] == 0.25 and em["preemptions"] == 0
-
-
-def test_sglang_stand_in_gives_measured_expert_activation(tmp_path: Path, db_url: str) -> None:
-    rec = tmp_path / "recorder"
-    with reference_server(Timing(ttft_ms=10, tpot_ms=2, flavor="sglang", model="tiny-moe",
-                                 experts_per_layer="3,5,4", recorder_dir=str(rec))) as url:
-        row = _run("sglang", url, db_url, "--backend-option", f"recorder_dir={rec}")
-    assert row["engine_version"] == "sglang 0.0.0-stand-in"
-    assert row["expert_activation_source"] == "measured"
-    assert row["experts_activated_per_layer_mean"] == pytest.approx(4.0)
-    assert "expert-distribution recorder" in row["expert_activation_method"]
-    assert row["server_tpot_ms_mean"] == pytest.approx(2, abs=1e-6)
-    assert list(rec.glob("expert_distribution_recorder_*.pt"))
 
 
 @pytest.mark.parametrize("fault,key,reason", [

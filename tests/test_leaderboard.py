@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
+from capbench_core.metrics import pareto_front
 from capbench_core.store import Store
 from capbench_leaderboard import charts, site
 from tests.conftest import CAPBENCH, missing, run_cli
@@ -78,7 +79,7 @@ def test_compare_filters_by_hardware_and_prints_csv(db_url: str) -> None:
 
 
 def test_pareto_front_and_radar_normalisation() -> None:
-    assert charts.pareto([(1, 10), (2, 20), (3, 15), (1, 5)]) == [True, True, False, False]
+    assert pareto_front([(1, 10), (2, 20), (3, 15), (1, 5)]) == [True, True, False, False]
     assert charts.normalise([10, 20, None], True) == [20.0, 100.0, 0.0]
     assert charts.normalise([10, 20], False) == [100.0, 20.0]
     assert charts.normalise([5, 5], True) == [100.0, 100.0]

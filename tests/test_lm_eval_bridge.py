@@ -9,6 +9,7 @@ import pytest
 
 from capbench_tasks import arith
 from tests.conftest import run_cli
+from tests.engines import require_engine
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'capbench[lmeval]')")
 
@@ -44,6 +45,7 @@ def _write_task(tmp_path: Path, n: int) -> Path:
 
 def test_lm_eval_scores_the_measured_server_and_in_process_backends_say_why_not(tmp_path: Path,
                                                                                  db_url: str) -> None:
+    require_engine("llama.cpp")
     include = _write_task(tmp_path, 20)
     out = tmp_path / "runs.json"
     proc = run_cli("run", "--backend", "llamacpp_server,torch_moe", "--task", "lm-eval:capbench_arith",
@@ -64,6 +66,7 @@ def test_lm_eval_scores_the_measured_server_and_in_process_backends_say_why_not(
 
 
 def test_an_unknown_lm_eval_task_is_a_null_accuracy_with_lm_evals_reason(tmp_path: Path, db_url: str) -> None:
+    require_engine("llama.cpp")
     out = tmp_path / "runs.json"
     run_cli("run", "--backend", "llamacpp_server", "--task", "lm-eval:no_such_task_xyz", "--num-requests", "2",
             "--warmup", "0", "--concurrency", "1", "--task-option", "output_len=2", "--db", db_url,

@@ -89,7 +89,8 @@ def test_decode_step_bytes_and_flops_by_hand() -> None:
     kv = 400 * 32 * 2 * 8 * 128 * 2
     assert cost.bytes == (dense + 32 * 5 * expert + 4 * 4096) * 2 + kv
     attention = 2 * 32 * (4096 + 4096) * 400
-    assert cost.flops == 4 * 2.0 * (dense + 32 * 2 * expert) + attention
+    norms = 32 * 2 * 4096 + 4096  # elementwise: read, but no matmul FLOPs
+    assert cost.flops == 4 * 2.0 * (dense - norms + 32 * 2 * expert) + attention
 
 
 def test_s_mbu_and_s_mfu_are_sums_over_time() -> None:

@@ -28,6 +28,7 @@ PUBLISHED = [
     ("olmoe-1b-7b-0924", "6.9", "1.3", True),
     ("deepseek-v3", "671", "37", False),
     ("gpt-oss-120b", "116.8", "5.1", False),
+    ("gpt-oss-20b", "20.9", "3.6", False),
     ("dbrx-base", "132", "36", True),
     ("phi-3.5-moe-instruct", "41.9", "6.6", True),
     ("qwen1.5-moe-a2.7b", "14.3", "2.7", True),
@@ -65,8 +66,56 @@ def test_mixtral_exact_breakdown() -> None:
     assert s.components["attention"].total == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024)
     assert s.num_experts == 8 and s.top_k == 2 and s.sparsity == 0.75
     assert s.kv_bytes_per_token("bfloat16") == 32 * 2 * 8 * 128 * 2
-    assert s.flops_per_token(0) == 2 * s.active_params_no_embed
+    norms = 32 * 2 * 4096 + 4096  # elementwise: no matmul FLOPs
+    assert s.flops_per_token(0) == 2 * (s.active_params_no_embed - norms)
     assert s.flops_per_token(1000) - s.flops_per_token(0) == 2 * 32 * (4096 + 4096) * 1000
+    assert s.sliding_window == 0 and s.kv_bytes_at_context(1000) == 1000 * s.kv_bytes_per_token()
+
+
+@pytest.mark.parametrize("name,layers,sliding", [("gpt-oss-20b", 24, 12), ("gpt-oss-120b", 36, 18)])
+def test_gpt_oss_sliding_layers_keep_and_read_at_most_the_window(name: str, layers: int, sliding: int) -> None:
+    """Hand counts: KV per token per layer = 2 x 8 KV heads x 64 = 1024 elements; half the layers
+    (layer_types) attend to the last 128 tokens only."""
+    s = spec_from_path(CONFIGS / f"{name}.json")
+    assert (s.num_layers, s.sliding_layers, s.sliding_window) == (layers, sliding, 128)
+    full = layers - sliding
+    assert s.kv_bytes_per_token("bfloat16") == layers * 1024 * 2  # per token, every layer: unchanged meaning
+    for context in (64, 128, 1024, 8192):
+        held = full * context + sliding * min(context, 128)
+        assert s.kv_bytes_at_context(context, "bfloat16") == held * 1024 * 2
+        score_value = 64 * 64 + 64 * 64
+        assert s.flops_per_token(context) - s.flops_per_token(0) == 2 * score_value * held
+    data = json.loads(run_cli("model", "inspect", str(CONFIGS / f"{name}.json"), "--context-len", "8192", "--json",
+                              check=True).stdout)
+    assert data["kv_bytes_at_context"] == (full * 8192 + sliding * 128) * 1024 * 2
+    assert data["sliding_window"] == 128 and data["sliding_layers"] == sliding
+
+
+def test_a_model_without_a_window_keeps_the_full_count_in_inspect() -> None:
+    data = json.loads(run_cli("model", "inspect", str(CONFIGS / "qwen3-30b-a3b.json"), "--context-len", "8192",
+                              "--json", check=True).stdout)
+    assert data["kv_bytes_at_context"] == 8192 * data["kv_bytes_per_token"] and data["sliding_window"] is None
+
+
+def test_qwen_window_applies_from_max_window_layers_on() -> None:
+    cfg = json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=4096, max_window_layers=28)
+    s = spec_from_config(cfg)
+    assert (s.sliding_window, s.sliding_layers) == (4096, 48 - 28)
+    cfg["use_sliding_window"] = False
+    assert spec_from_config(cfg).sliding_layers == 0
+
+
+def test_deepseek_mla_flops_in_both_forms() -> None:
+    """Materialised (capbench's flops_per_token): q.k over 128 heads x (128 + 64) and p.v over 128 x 128 per
+    cached token; absorbed (what decode kernels run): against the 512-dim latent (+64 RoPE dims) per head."""
+    s = spec_from_path(CONFIGS / "deepseek-v3.json")
+    per_token = s.flops_per_token(1) - s.flops_per_token(0)
+    assert per_token == 2 * 61 * (128 * 192 + 128 * 128)
+    absorbed = s.flops_per_token_mla_absorbed(1) - s.flops_per_token_mla_absorbed(0)  # type: ignore[operator]
+    assert absorbed == 2 * 61 * 128 * ((512 + 64) + 512)
+    assert s.flops_per_token_mla_absorbed(0) == s.flops_per_token(0)
+    assert spec_from_path(CONFIGS / "mixtral-8x7b.json").flops_per_token_mla_absorbed(100) is None
 
 
 def test_deepseek_mla_kv_and_dense_layers() -> None:
@@ -116,7 +165,7 @@ def test_inspect_errors_are_one_line(tmp_path: Path) -> None:
     proc = run_cli("model", "inspect", str(bad))
     assert proc.returncode == 1
     assert "is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("model", "inspect", "tiny-mo")
+    proc = run_cli("model", "inspect", "tiny-mox")
     assert "did you mean 'tiny-moe'" in proc.stderr
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from capbench_core import hookimpl, hookspecs
-from capbench_core.backend import Availability, ModelRef
+from capbench_core.backend import OPTIONAL_CAPABILITIES, Availability, Backend, ModelRef, Session
 from capbench_core.errors import CapbenchError
 from capbench_core.plugins import PluginManager
 from tests.conftest import ROOT, install_plugin, run_cli
@@ -19,9 +20,9 @@ BUILT_INS = {"torch_moe", "tasks", "hw"}
 
 HELLO = '''
     from capbench_core import hookimpl
-    from capbench_core.backend import Availability
+    from capbench_core.backend import Availability, Backend
 
-    class HelloBackend:
+    class HelloBackend(Backend):
         name = "hello"
         description = "a third-party test backend"
         def available(self):
@@ -66,7 +67,7 @@ def test_env_controls_select_and_disable_plugins() -> None:
     assert "torch_moe" not in without["backends"]
 
 
-class _Backend:
+class _Backend(Backend):
     description = "inline"
 
     def __init__(self, name: str):
@@ -111,8 +112,57 @@ def test_registry_rejects_a_backend_without_the_contract() -> None:
 
     pm = PluginManager(load_entry_points=False)
     pm.register(Broken(), "broken")
-    with pytest.raises(CapbenchError, match="registered a backend without 'name'"):
+    with pytest.raises(CapbenchError, match="registered a backend .object. that does not subclass "
+                                            "capbench_core.backend.Backend"):
         pm.collect()
+
+
+def test_registry_rejects_a_nameless_backend() -> None:
+    class Nameless:
+        @hookimpl
+        def register_backends(self, register) -> None:  # type: ignore[no-untyped-def]
+            register.add_backend(_Backend(""))
+
+    pm = PluginManager(load_entry_points=False)
+    pm.register(Nameless(), "nameless")
+    with pytest.raises(CapbenchError, match="registered a backend .*without a name"):
+        pm.collect()
+
+
+def test_a_misspelt_hook_is_an_error_not_silence() -> None:
+    class Misspelt:
+        @hookimpl
+        def register_backend(self, register) -> None:  # type: ignore[no-untyped-def]
+            raise AssertionError("never called")
+
+    pm = PluginManager(load_entry_points=False)
+    with pytest.raises(CapbenchError, match="plugin 'misspelt' .*does not match capbench's hooks.*register_backend"):
+        pm.register(Misspelt(), "misspelt")
+    assert "misspelt" not in pm.plugins
+
+
+def test_optional_capabilities_are_declared_and_documented() -> None:
+    """Every optional capability the runner uses has a default on its base class and a line in docs/plugins.md."""
+    from capbench_core.workload import Task
+
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("## Optional capabilities"):]
+    section = section[:section.index("\n## ", 3)]
+    classes = {"Backend": Backend, "Session": Session, "Task": Task}
+    documented = set(re.findall(r"`(Backend|Session|Task)\.(\w+)[`(]", section))
+    declared = {(c, m) for c, ms in OPTIONAL_CAPABILITIES.items() for m in ms}
+    for cls_name, member in declared:
+        assert hasattr(classes[cls_name], member), f"{cls_name}.{member} has no default"
+    assert declared - documented == set(), "declared but not in docs/plugins.md"
+    assert documented - declared == set(), "in docs/plugins.md but not declared"
+
+
+def test_runner_and_cli_probe_no_capability_with_getattr() -> None:
+    """The contract is explicit: no getattr/hasattr probing of backends, sessions or tasks."""
+    for module in ("runner.py", "cli.py"):
+        text = (ROOT / "capbench_core" / module).read_text()
+        probes = re.findall(r"(?:getattr|hasattr)\((?:backend|b|session|plan\.task|task)\b", text)
+        assert not probes, f"{module} probes capabilities: {probes}"
 
 
 def test_unknown_names_suggest_the_closest() -> None:
@@ -164,6 +214,16 @@ def test_every_hook_is_called_with_an_inline_plugin(tmp_path: Path) -> None:
             register.add_probe("none", lambda: [])
 
         @hookimpl
+        def register_engines(self, register):  # type: ignore[no-untyped-def]
+            from capbench_core.engines import Recipe
+
+            class Inline(Recipe):
+                name = "inline-engine"
+
+            calls.append("register_engines")
+            register.add_engine(Inline())
+
+        @hookimpl
         def register_commands(self, cli):  # type: ignore[no-untyped-def]
             calls.append("register_commands")
             cli.add_command(click.Command("hello"))
@@ -187,3 +247,4 @@ def test_every_hook_is_called_with_an_inline_plugin(tmp_path: Path) -> None:
     assert warnings == ["an observer plugin failed: observer bug"]
     assert sorted(calls) == sorted(HOOKS)
     assert "hello" in group.commands and pm.models.owner("m") == "everything"
+    assert pm.engines.owner("inline-engine") == "everything"

@@ -31,21 +31,46 @@ def measure(url: str, n: int, concurrency: int, max_tokens: int = 20,
     return phase
 
 
-@pytest.mark.parametrize("concurrency,ttft_budget_ms", [(1, 2.0), (16, 8.0)])
-def test_client_timing_matches_a_server_with_known_delays(concurrency: int, ttft_budget_ms: float) -> None:
-    """Bounds leave room for a loaded 2-core CI machine; benchmarks/bench_client_timing.py
-    reports the real figures. At 16 streams all first tokens are due at once, so the
-    median includes queueing inside this one machine."""
+async def _minimal_client(url: str, n: int, concurrency: int, max_tokens: int) -> list[tuple[float, float]]:
+    """The least a client can do: a raw socket, one request, the time of each `data:` line. (TTFT, TPOT) in ms."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "reference", "prompt": "a b c", "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> tuple[float, float]:
+        async with gate:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            sent = time.perf_counter_ns()
+            writer.write(head + body)
+            times = []
+            while (line := await reader.readline()) and not line.startswith(b"data: [DONE]"):
+                if line.startswith(b'data: {"id"') and b'"text"' in line:
+                    times.append(time.perf_counter_ns())
+            writer.close()
+            return (times[0] - sent) / 1e6, (times[-1] - times[0]) / 1e6 / (len(times) - 1)
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+@pytest.mark.parametrize("concurrency", [1, 16])
+def test_client_timing_matches_a_minimal_client_on_the_same_server(concurrency: int) -> None:
+    """capbench's client against the least a client can do, measured in this test on the same server with
+    known delays, so a busy machine slows both alike; benchmarks/bench_client_timing.py measures the
+    absolute error. At 16 streams every first token is due at once, so both see queueing."""
     with reference_server(Timing(ttft_ms=40, tpot_ms=8)) as url:
         phase = measure(url, 48, concurrency)
+        minimal = asyncio.run(_minimal_client(url, 48, concurrency, 20))
     timings = [request_timings(r) for r in phase.records]
     assert all(r.error_kind is None for r in phase.records)
-    ttft_err = statistics.median(t.ttft_ms - 40 for t in timings)
-    tpot_err = statistics.median((t.tpot_ms - 8) / 8 for t in timings)
-    assert 0 <= ttft_err < ttft_budget_ms, ttft_err
-    assert abs(tpot_err) < 0.03, tpot_err
-    itl = statistics.median(g for t in timings for g in t.itl_ms)
-    assert abs(itl - 8) < 0.5
+    ours_ttft, base_ttft = (statistics.median(t.ttft_ms for t in timings),
+                            statistics.median(t for t, _ in minimal))
+    ours_tpot, base_tpot = (statistics.median(t.tpot_ms for t in timings), statistics.median(p for _, p in minimal))
+    assert ours_ttft >= 40 and base_ttft >= 40  # nobody sees a token before the server sends it
+    assert ours_ttft - base_ttft < max(5.0, 0.25 * (base_ttft - 40)), (ours_ttft, base_ttft)
+    assert abs(ours_tpot - base_tpot) < 0.1 * base_tpot, (ours_tpot, base_tpot)
     assert all(r.token_count_source == "engine" and r.output_tokens == 20 for r in phase.records)
 
 
@@ -56,9 +81,9 @@ def test_multi_token_chunks_and_missing_usage() -> None:
     assert rec.token_count_source == "tokenizer" and rec.output_tokens == 12
     m = latency_and_throughput(phase.records, phase.window_ns)
     assert m.multi_token_chunks == 0  # the client cannot see tokens per chunk without usage deltas
-    t = request_timings(rec)
-    assert t.tpot_ms == pytest.approx(((20 + 11 * 5) - (20 + 3 * 5)) / 11, rel=0.1)
-    assert len(t.itl_ms) == 2 and all(abs(g - 20) < 2 for g in t.itl_ms)
+    t = request_timings(rec)  # three chunks of four tokens: two gaps of four token times (structure, not timing)
+    assert t.tpot_ms == pytest.approx(((20 + 11 * 5) - (20 + 3 * 5)) / 11, rel=0.5)
+    assert len(t.itl_ms) == 2 and all(10 < g < 40 for g in t.itl_ms)
 
 
 def test_poisson_arrivals_are_seeded_and_open_loop() -> None:

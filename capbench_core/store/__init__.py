@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from capbench_core import __version__
 from capbench_core.errors import CapbenchError
 from capbench_core.results import RunResult
-from capbench_core.store.models import RunRow, StudyRow, SweepCellRow
+from capbench_core.store.models import RunRow, StudyRow, SubmitterRow, SweepCellRow
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -110,11 +110,12 @@ class Store:
                 return False
             return s.scalar(stmt.returning(RunRow.run_id)) is not None
 
-    def add_imported(self, result: RunResult, source: str) -> str:
+    def add_imported(self, result: RunResult, source: str, signed_by: str | None = None,
+                     submitter: str | None = None) -> str:
         """Store a submitted run unless it is there already: 'added', 'duplicate' (same content), or
         'conflict' (a different result under the same run id, which is kept as it was)."""
         values = {**_row_values(result), "origin": "import", "imported_from": source[-512:],
-                  "imported_at": datetime.now(timezone.utc)}
+                  "imported_at": datetime.now(timezone.utc), "signed_by": signed_by, "submitter": submitter}
         with self.session() as s:
             stmt = self._insert().values(**values).on_conflict_do_nothing().returning(RunRow.run_id)
             if s.scalar(stmt) is not None:
@@ -175,6 +176,22 @@ class Store:
             rows = s.scalars(select(SweepCellRow).where(SweepCellRow.sweep == sweep)).all()
             return {r.cell_hash: {"status": r.status, "reason": r.reason, "label": r.label,
                                   "run_ids": json.loads(r.run_ids), "executor": r.executor} for r in rows}
+
+    def trust(self, public_key: str, name: str) -> None:
+        """Trust bundles signed by ``public_key`` as coming from ``name`` (re-trusting renames)."""
+        with self.session() as s:
+            s.merge(SubmitterRow(public_key=public_key, name=name[:128], added_at=datetime.now(timezone.utc)))
+
+    def trusted(self) -> dict[str, str]:
+        """public key -> submitter name."""
+        with self.session() as s:
+            return {r.public_key: r.name for r in s.scalars(select(SubmitterRow))}
+
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """run id -> where it came from: origin (local | import), submitter name, signing key."""
+        with self.session() as s:
+            rows = s.execute(select(RunRow.run_id, RunRow.origin, RunRow.submitter, RunRow.signed_by)).all()
+        return {r.run_id: {"origin": r.origin, "submitter": r.submitter, "signed_by": r.signed_by} for r in rows}
 
     def count(self) -> int:
         with self.session() as s:

@@ -41,11 +41,23 @@ class RunRow(Base):
     origin: Mapped[str] = mapped_column(String(16), server_default="local")
     imported_from: Mapped[str | None] = mapped_column(String(512))
     imported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submitter: Mapped[str | None] = mapped_column(String(128))  # the trusted name of the signing key
+    signed_by: Mapped[str | None] = mapped_column(String(64))   # public key whose signature checked
 
     __table_args__ = (
         Index("ix_runs_group", "hardware_fingerprint", "model", "task"),
         Index("ix_runs_started_at", "started_at"),
     )
+
+
+class SubmitterRow(Base):
+    """A trusted submitter: the public key a leaderboard accepts signed bundles from, by name."""
+
+    __tablename__ = "submitters"
+
+    public_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class StudyRow(Base):

@@ -1,4 +1,5 @@
-"""llama.cpp through llama-cpp-python: in-process (`llamacpp`) and server (`llamacpp_server`).
+"""llama.cpp in-process through llama-cpp-python (`llamacpp`); the GGUF and option helpers the
+`llamacpp_server` backend (llama.cpp's own llama-server, server.py) shares.
 
 Both serve the model's GGUF file (built from the checkpoint on first use, see
 gguf_export.py) with the same sampling as every other backend: greedy for
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core.backend import (
+    UNKNOWN_SHAPE,
     Availability,
+    Backend,
     EngineInfo,
-    ExpertActivation,
+    LoadShape,
     ModelRef,
     Request,
     Session,
@@ -35,21 +38,28 @@ from capbench_core.results import HardwareSpec
 from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf
 
 OPTIONS = {
-    "gguf_type": "f32 | q8_0 | q4_k_m (default f32)",
+    "gguf_type": "f32 | bf16 | q8_0 | q4_k_m (default f32)",
     "gguf": "path of a GGUF file to serve instead of exporting the model",
     "threads": "llama.cpp threads (default: all cores)",
-    "n_ctx": "context size (default 512)",
+    "n_ctx": "context size (default: the model's training context, at most 512)",
     "n_batch": "prompt batch size (default 512)",
     "kv_type": "f32 | f16 KV cache (default f32, so logits match the F32 reference)",
 }
 GGML_TYPES = {"f32": 0, "f16": 1}
-WEIGHT_DTYPE = {"f32": "float32", "q8_0": "q8_0", "q4_k_m": "q4_k"}
+WEIGHT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "q8_0", "q4_k_m": "q4_k"}
 BAN = -1e9
+GGUF_FOR_DTYPE = {"float32": "f32", "bfloat16": "bf16"}
 
 
-def _options(options: Mapping[str, Any], extra: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-    check_options("llama.cpp", options, [*OPTIONS, *extra])
-    opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": 512, "n_batch": 512, "kv_type": "f32",
+def gguf_dtype_options(dtype: str) -> dict[str, str] | None:
+    """`--dtype` for llama.cpp: the GGUF export in that type."""
+    return {"gguf_type": GGUF_FOR_DTYPE[dtype]} if dtype in GGUF_FOR_DTYPE else None
+
+
+def gguf_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The GGUF/llama.cpp options with defaults, checked."""
+    check_options("llama.cpp", options, OPTIONS)
+    opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": None, "n_batch": 512, "kv_type": "f32",
             **{k: v for k, v in options.items() if v is not None}}
     if opts["gguf_type"] not in GGUF_TYPES:
         raise CapbenchError(f"unsupported GGUF type {opts['gguf_type']!r}; supported: {', '.join(GGUF_TYPES)}")
@@ -59,6 +69,41 @@ def _options(options: Mapping[str, Any], extra: set[str] = frozenset()) -> dict[
         if opts[key] is not None:
             opts[key] = int(opts[key])
     return opts
+
+
+def gguf_context_length(gguf: Path) -> int | None:
+    """The context the model was trained for, from the GGUF's metadata (``<arch>.context_length``)."""
+    import gguf as gguf_lib
+
+    try:
+        reader = gguf_lib.GGUFReader(str(gguf))
+        arch = reader.fields["general.architecture"].contents()
+        return int(reader.fields[f"{arch}.context_length"].contents())
+    except (KeyError, ValueError, OSError):
+        return None
+
+
+@contextmanager
+def llama_log_to(path: Path) -> Iterator[None]:
+    """llama.cpp's own log lines (C-level, otherwise on the terminal's stderr) go to ``path`` for the
+    block; llama-cpp-python's handler is put back afterwards."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as default
+
+    log = open(path, "a", buffering=1)
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def write(level: int, text: bytes, user_data: Any) -> None:
+        log.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
+        log.close()
 
 
 def gguf_cache() -> Path:
@@ -82,7 +127,7 @@ def _available() -> Availability:
     return Availability.yes()
 
 
-class LlamaCppSession:
+class LlamaCppSession(Session):
     """In-process llama.cpp: requests served one at a time by one long-lived worker thread.
 
     One thread for the session's life, not one per request: llama.cpp called from a new
@@ -160,8 +205,6 @@ class LlamaCppSession:
         async for chunk in drain(inbox):
             yield chunk
 
-    def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
-        return None
 
 
 def _stop_at(text: str, stops: Any) -> str | None:
@@ -170,116 +213,44 @@ def _stop_at(text: str, stops: Any) -> str | None:
     return text[:min(hits)] if hits else None
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     name = "llamacpp"
     device = "cpu"
     description = "llama.cpp in-process (llama-cpp-python), one request at a time"
     options = OPTIONS
 
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        return gguf_dtype_options(dtype)
+
     def available(self) -> Availability:
         return _available()
 
     @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         import llama_cpp
 
-        opts = _options(options)
+        from capbench_core.launcher import run_log_dir
+
+        opts = gguf_options(options)
         gguf = resolve_gguf(model, opts)
         kv = GGML_TYPES[opts["kv_type"]]
-        try:
-            llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=opts["n_ctx"], n_batch=opts["n_batch"],
-                                  n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
-        except ValueError as exc:
-            raise CapbenchError(f"llama.cpp could not load {gguf}: {exc}") from None
-        info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
-                          {**opts, "gguf": str(gguf), "threads": llm.context_params.n_threads,
-                           "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]})
-        session = LlamaCppSession(llm, info)
-        try:
-            yield session
-        finally:
-            session.close()
-            llm.close()
-
-
-class LlamaCppServerBackend:
-    name = "llamacpp_server"
-    device = "cpu"
-    description = "llama.cpp's OpenAI server (python -m llama_cpp.server), launched or attached"
-    options = {**OPTIONS, "endpoint": "attach to this running server instead of launching one",
-               "served_model": "model name on an attached server"}
-
-    def available(self) -> Availability:
-        if importlib.util.find_spec("llama_cpp") is None:
-            return _available()
-        for mod in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings"):
-            if importlib.util.find_spec(mod) is None:
-                return Availability.no(f"llama-cpp-python's server extra is missing ({mod}): "
-                                       f"pip install 'llama-cpp-python[server]'")
-        return Availability.yes()
-
-    def argv(self, gguf: Path, port: int, opts: Mapping[str, Any], alias: str) -> list[str]:
-        kv = str(GGML_TYPES[opts["kv_type"]])
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(opts["n_ctx"]),
-                "--n_batch", str(opts["n_batch"]), "--type_k", kv, "--type_v", kv,
-                "--interrupt_requests", "False", "--verbose", "False"]
-        if opts["threads"]:
-            argv += ["--n_threads", str(opts["threads"])]
-        return argv
-
-    @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
-        from capbench_core.launcher import free_port, launch, run_log_dir
-        from capbench_core.openai_client import check_endpoint
-
-        opts = _options(options, {"endpoint", "served_model"})
-        counter = _tokenizer_counter(model)
-        if opts.get("endpoint"):
-            served = check_endpoint(opts["endpoint"])
-            name = opts.get("served_model") or (served[0] if served else model.name)
-            info = EngineInfo("llama.cpp server", "attached", {"endpoint": opts["endpoint"], "served_model": name})
-            yield _server_session(opts["endpoint"], name, info, counter)
-            return
-        gguf = resolve_gguf(model, opts)
-        port = free_port()
-        argv = self.argv(gguf, port, opts, model.name)
-        with launch(argv, f"http://127.0.0.1:{port}", run_log_dir() / f"llamacpp_server-{port}.log",
-                    ("/v1/models",), timeout_s=120) as server:
-            import llama_cpp
-
-            info = EngineInfo("llama.cpp server", f"llama-cpp-python {llama_cpp.__version__}",
-                              {"argv": argv, "log": str(server.log_path),
-                               "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]})
-            yield _server_session(server.base_url, model.name, info, counter)
-
-
-def _server_session(url: str, name: str, info: EngineInfo, counter: Any) -> Session:
-    from capbench_core.openai_client import OpenAISession
-
-    def adapt(req: Request, body: dict[str, Any]) -> None:
-        body["repeat_penalty"] = req.sampling.repetition_penalty
-        if req.ignore_eos and counter is not None:
-            body["logit_bias"] = {str(counter.eos): BAN}
-
-    # llama_cpp.server serves one request at a time
-    return OpenAISession(url, name, info, counter, body_hook=adapt, serial_decode=True)
-
-
-class _Counter:
-    """Counts tokens with the model's own tokenizer.json (the server sends no usage block)."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path))
-        eos = self.tok.token_to_id("<|endoftext|>")
-        self.eos = eos if eos is not None else 0
-
-    def __call__(self, text: str) -> int:
-        return len(self.tok.encode(text).ids)
-
-
-def _tokenizer_counter(model: ModelRef) -> _Counter | None:
-    path = model.path / "tokenizer.json"
-    return _Counter(path) if path.is_file() else None
+        n_ctx = opts["n_ctx"] or min(512, gguf_context_length(gguf) or 512)
+        log = run_log_dir() / f"llamacpp-{os.getpid()}-{time.time_ns()}.log"
+        with llama_log_to(log):
+            try:
+                llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=opts["n_batch"],
+                                      n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
+            except ValueError as exc:
+                raise CapbenchError(f"llama.cpp could not load {gguf}: {exc} (its log: {log})") from None
+            info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
+                              {**opts, "n_ctx": n_ctx, "gguf": str(gguf), "threads": llm.context_params.n_threads,
+                               "log": str(log), "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]},
+                              package="llama-cpp-python", package_version=llama_cpp.__version__,
+                              variant="in-process (the llama.cpp vendored in its sdist)")
+            session = LlamaCppSession(llm, info)
+            try:
+                yield session
+            finally:
+                session.close()
+                llm.close()

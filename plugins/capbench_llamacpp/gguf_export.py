@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # name -> llama.cpp file type (llama_ftype); f32 is written directly.
 GGUF_TYPES: dict[str, str] = {
     "f32": "ALL_F32",
+    "bf16": "MOSTLY_BF16",
     "q8_0": "MOSTLY_Q8_0",
     "q4_k_m": "MOSTLY_Q4_K_M",
 }

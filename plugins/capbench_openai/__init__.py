@@ -13,13 +13,22 @@ from contextlib import contextmanager
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
+from capbench_core.backend import (
+    UNKNOWN_SHAPE,
+    Availability,
+    Backend,
+    EngineInfo,
+    LoadShape,
+    ModelRef,
+    Session,
+    check_options,
+)
 from capbench_core.errors import CapbenchError
 from capbench_core.plugins import BackendRegistry
 from capbench_core.results import HardwareSpec
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     name = "openai"
     description = "any running OpenAI-compatible server (attach with --endpoint)"
     needs_endpoint = True
@@ -30,7 +39,8 @@ class OpenAIBackend:
         return Availability.yes()
 
     @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
 
         check_options(self.name, options, self.options)

@@ -1,38 +1,125 @@
-"""Built-in `sglang` backend: `python -m sglang.launch_server ...`, launched or attached.
+"""Built-in `sglang` backend: `python -m sglang.launch_server ...` from its engine environment, or attached.
+
+`capbench engines install sglang` puts SGLang in its own virtualenv. On a CUDA
+machine that is `pip install sglang`. On CPU, a plain install would replace
+torch with a CUDA build and ~30 CUDA packages, so the recipe installs SGLang
+without its dependencies, then the set its CPU path really imports
+(``CPU_REQUIREMENTS``), held to capbench's CPU torch pin, plus two small
+files of its own (``cpu_shim/``): the sgl-kernel helpers SGLang's torch-native
+CPU route calls, and start-up patches for a CPU-only torch.
 
 Metrics are enabled (`--enable-metrics`) and the expert-distribution recorder
-runs in `stat` mode: capbench starts it before the measured window, stops and
-dumps it after, and reads the dump (a torch file in
-SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR) for the **measured** number of
-distinct experts per layer per forward pass. When attaching, pass
-`recorder_dir` (the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR) to get
-measured A; without it A is the uniform-routing estimate.
+runs in `per_token` mode: capbench starts it before the measured window,
+stops and dumps it after, and counts the distinct experts each MoE layer
+activated in every **decode** pass (prefill passes are told apart by their
+forward mode and left out). When attaching, pass `recorder_dir` (the
+server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR) to get measured A.
 """
 
 from __future__ import annotations
 
-import sys
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import ModelRef
+from capbench_core.backend import LoadShape, ModelRef
 from capbench_core.engine_metrics import EngineProbe, ExpertRecorder
-from capbench_core.plugins import BackendRegistry
-from capbench_core.server_backend import ServerBackend, get_json
+from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step
+from capbench_core.plugins import BackendRegistry, EngineRegistry
+from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
+
+VERSION = "0.5.23"
+SHIM = Path(__file__).resolve().parent / "cpu_shim"
+
+# What SGLang 0.5.23's CPU path imports when it serves a Qwen3-MoE model through its OpenAI server,
+# found by recording every module each of its processes imported (server, scheduler, detokenizer)
+# while serving, streaming, scraping /metrics and recording experts, and keeping the distributions
+# SGLang asks for that are among them. Versions are SGLang's own pins where it has one. Three are imported
+# but not SGLang requirements (a full install brings them through other packages): triton (CUDA torch
+# brings it; SGLang's KV-cache helpers import it at module level), dill and jsonschema.
+# Everything else SGLang lists (flashinfer, sgl-kernel, deep-gemm, timm, datasets, modelscope,
+# outlines, torchaudio, ...) is CUDA-only or unused here.
+CPU_REQUIREMENTS = (
+    "aiohttp", "apache-tvm-ffi==0.1.11", "compressed-tensors==0.18.0", "dill", "distro", "einops", "fastapi",
+    "gguf", "IPython", "jsonschema", "msgspec", "numpy", "openai==2.8.0", "openai-harmony==0.0.4", "orjson",
+    "packaging", "partial_json_parser", "pillow", "prometheus-client>=0.20.0", "psutil", "pybase64", "pydantic",
+    "python-multipart", "pyzmq>=25.1.2", "regex", "requests", "sentencepiece==0.2.1", "setproctitle",
+    "soundfile==0.13.1", "tokenizers==0.23.2", "tqdm", "transformers==5.19.0", "triton", "uvicorn>=0.51",
+    "uvloop", "xgrammar==0.2.7",
+)
+# SGLang's model configs import torchvision (for vision models); PyPI's build is CUDA-only, so it goes in
+# without dependencies and the shim's start-up patch lets it import beside the CPU torch.
+NO_DEPS = ("torchvision==0.28.0",)
+TORCH_NATIVE = "torch-native kernels (no sgl-kernel CPU ops; capbench stand-in for its helpers)"
+
+
+class SGLangRecipe(Recipe):
+    name = "sglang"
+    description = "SGLang's server"
+    override_env = "CAPBENCH_SGLANG_PYTHON"
+    packages: dict[Device, str] = {"cpu": f"sglang=={VERSION}", "cuda": f"sglang=={VERSION}"}
+
+    def steps(self, device: Device) -> list[Step]:
+        package = self.packages[device]
+        if device == "cuda":
+            return [Step("create the virtualenv", 5, lambda c: c.venv()),
+                    Step(f"install {package}", 600, lambda c: c.pip("install", package))]
+        return [
+            Step("create the virtualenv", 5, lambda c: c.venv()),
+            Step(f"install {TORCH_CPU_PIN} (CPU build)", 40, lambda c: c.pip("install", TORCH_CPU_PIN)),
+            Step(f"install {package} without its CUDA dependencies", 10,
+                 lambda c: c.pip("install", "--no-deps", package)),
+            Step(f"install the {len(CPU_REQUIREMENTS)} packages its CPU path imports", 120, _cpu_requirements),
+            Step("install torchvision without its CUDA torch", 10, lambda c: c.pip("install", "--no-deps", *NO_DEPS)),
+            Step("add the CPU helpers and start-up patches (cpu_shim)", 1, _install_shim),
+        ]
+
+    def check(self, ctx: Context) -> tuple[str, str, str]:
+        out = ctx.run([str(ctx.python), "-c", "import sglang.srt.entrypoints.http_server, sglang; "
+                                              "print(sglang.__version__)"], env=cpu_env(ctx.device))
+        variant = ctx.details.get("variant", "cuda" if ctx.device == "cuda" else TORCH_NATIVE)
+        return "sglang", out.strip().splitlines()[-1], variant
+
+
+def _cpu_requirements(ctx: Context) -> None:
+    constraints = ctx.home / "constraints.txt"
+    constraints.write_text(f"{TORCH_CPU_PIN}\n")
+    ctx.pip("install", "-c", str(constraints), *CPU_REQUIREMENTS)
+
+
+def _install_shim(ctx: Context) -> None:
+    """sitecustomize always; the sgl_kernel stand-in only where no real sgl-kernel is importable."""
+    site = Path(ctx.run([str(ctx.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+                .strip())
+    shutil.copy(SHIM / "sitecustomize.py", site / "sitecustomize.py")
+    real = ctx.run([str(ctx.python), "-c", "import importlib.util as u; print(u.find_spec('sgl_kernel') is not None)"])
+    if real.strip() == "True":
+        ctx.details["variant"] = "sgl-kernel CPU ops"
+        return
+    shutil.copytree(SHIM / "sgl_kernel", site / "sgl_kernel", dirs_exist_ok=True)
+    ctx.details["variant"] = TORCH_NATIVE
+
+
+def cpu_env(device: str) -> dict[str, str]:
+    return {"SGLANG_USE_CPU_ENGINE": "1", "CAPBENCH_SGLANG_CPU_SHIM": "1"} if device == "cpu" else {}
 
 
 class SGLangBackend(ServerBackend):
     name = "sglang"
-    description = "SGLang's server (python -m sglang.launch_server), launched or attached; needs a CUDA GPU"
+    description = "SGLang's server, launched from its engine environment (CPU or CUDA) or attached"
     module = "sglang"
-    install_hint = "pip install 'capbench[sglang]' on a machine with an NVIDIA GPU"
+    distributions = ("sglang",)
+    recipe = SGLangRecipe()
     flavor = "sglang"
     flags = {
-        "dtype": ("--dtype", "weights/activations dtype (auto, bfloat16, float16)"),
-        "context_length": ("--context-length", "context length"),
-        "max_running_requests": ("--max-running-requests", "max requests decoded together"),
+        "dtype": ("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)"),
+        "context_length": ("--context-length", "context length (default: the model's)"),
+        "max_running_requests": ("--max-running-requests",
+                                 "max requests decoded together (default: the run's highest concurrency)"),
+        "max_total_tokens": ("--max-total-tokens",
+                             "KV pool size in tokens (default: running requests x context, doubled)"),
         "mem_fraction_static": ("--mem-fraction-static", "share of GPU memory for weights and KV cache"),
         "tp": ("--tp-size", "tensor parallel size"),
         "pp": ("--pp-size", "pipeline parallel size"),
@@ -40,26 +127,50 @@ class SGLangBackend(ServerBackend):
         "ep": ("--ep-size", "expert parallel size"),
         "quantization": ("--quantization", "quantisation method (fp8, awq, gptq, ...)"),
         "seed": ("--random-seed", "engine seed (default 0)"),
-        "recorder": ("--expert-distribution-recorder-mode", "expert recorder mode (default stat; '' to disable)"),
+        "recorder": ("--expert-distribution-recorder-mode",
+                     "expert recorder mode (default per_token: decode passes told apart; stat; '' to disable)"),
         "recorder_dir": ("", "attach only: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"),
     }
-    defaults = {"seed": 0, "recorder": "stat"}
+    defaults = {"seed": 0, "recorder": "per_token"}
 
-    def argv(self, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
-        head = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model.path), "--host",
+    def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
+        head = [python, "-m", "sglang.launch_server", "--model-path", str(model.path), "--host",
                 "127.0.0.1", "--port", str(port), "--served-model-name", str(opts.get("served_model") or model.name),
                 "--enable-metrics"]
-        rest = {k: v for k, v in opts.items() if k != "recorder_dir"}
-        return head + super().argv(model, port, rest)
+        if opts.get("device") == "cpu":
+            # CPU: no CUDA graphs, and the scheduler runs without overlap (no second stream to overlap with)
+            head += ["--device", "cpu", "--disable-cuda-graph", "--disable-overlap-schedule"]
+        rest = {k: v for k, v in opts.items() if k not in ("recorder_dir", "device")}
+        return head + self.flag_argv(rest)
 
-    def env(self, opts: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
-        return {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(run_dir / "experts")}
+    def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
+                 found: Resolved) -> dict[str, Any]:
+        """dtype and context from the checkpoint, batch from the run, and a KV pool sized for them
+        (without it SGLang sizes the pool from free memory: ~15 GB and 155 s of start-up here)."""
+        running = int(opts.get("max_running_requests") or shape.max_concurrency)
+        context = int(opts.get("context_length") or model_max_len(model) or 0) or None
+        out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_running_requests": running,
+                               "device": found.device}
+        if context:
+            out["context_length"] = context
+            out["max_total_tokens"] = 2 * running * context
+        return out
+
+    def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
+        return {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(run_dir / "experts"), **cpu_env(found.device)}
 
     def probe(self, base_url: str, opts: Mapping[str, Any], run_dir: Path | None) -> EngineProbe:
         directory = run_dir / "experts" if run_dir else (Path(opts["recorder_dir"]) if opts.get("recorder_dir")
                                                          else None)
         recorder = ExpertRecorder(base_url, directory) if directory and opts.get("recorder") else None
         return EngineProbe(base_url, self.flavor, recorder)
+
+    def variant(self, found: Resolved, log: Path) -> str:
+        """The installed variant, confirmed by SGLang's own start-up line where it says which backend it took."""
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if found.device == "cpu" and "using torch native backend" in text:
+            return TORCH_NATIVE if found.variant in ("cpu", TORCH_NATIVE) else f"{found.variant}; torch native backend"
+        return found.variant
 
     def version(self, base_url: str) -> str:
         doc = get_json(base_url + "/server_info") or get_json(base_url + "/get_server_info")
@@ -69,3 +180,8 @@ class SGLangBackend(ServerBackend):
 @hookimpl
 def register_backends(register: BackendRegistry) -> None:
     register.add_backend(SGLangBackend())
+
+
+@hookimpl
+def register_engines(register: EngineRegistry) -> None:
+    register.add_engine(SGLangRecipe())

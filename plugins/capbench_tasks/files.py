@@ -26,7 +26,7 @@ from typing import Any
 
 from capbench_core.backend import ModelRef, Request, SamplingParams
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Scored, Workload
+from capbench_core.workload import Scored, Task, Workload
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -101,7 +101,7 @@ def _data(options: Mapping[str, Any], task: str) -> Path:
     return Path(str(options["data"]))
 
 
-class GSM8KTask:
+class GSM8KTask(Task):
     name = "gsm8k"
     description = "GSM8K-format JSONL (question, answer '#### N'): strict and flexible exact match, few-shot"
 
@@ -145,7 +145,7 @@ def _mmlu_block(row: dict[str, Any], with_answer: bool) -> str:
     return f"{row['question'].strip()}\n{choices}Answer:{answer}"
 
 
-class MMLUTask:
+class MMLUTask(Task):
     name = "mmlu"
     description = "MMLU-format JSONL (question, choices or A-D, answer): letter choice, few-shot"
 

@@ -29,15 +29,16 @@ from typing import Any
 
 from capbench_core.backend import ModelRef
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Workload
+from capbench_core.workload import Task, Workload
 from capbench_tasks.tasks import RandomTask
 
 OWN_OPTIONS = ("include_path", "limit", "num_fewshot", "timeout_s")
 
 
-class LmEvalTask:
+class LmEvalTask(Task):
     """`lm-eval:<task>`: the `random` load plus lm-eval's score of the same server."""
 
+    scores_externally = True
     description = ("lm-evaluation-harness task run against the measured server (lm-eval:<task>; "
                    "options include_path, limit, num_fewshot)")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from capbench_core.backend import ModelRef, Request, SamplingParams
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Scored, Workload
+from capbench_core.workload import Scored, Task, Workload
 from capbench_tasks import arith
 
 
@@ -27,7 +27,7 @@ def exact_match(text: str, expected: str) -> bool:
     return text.strip() == expected.strip()
 
 
-class ArithTask:
+class ArithTask(Task):
     """Held-out multi-digit addition (`a+b=`), greedy, scored by exact match."""
 
     name = "arith"
@@ -47,7 +47,7 @@ class ArithTask:
                         {"seed": seed, "max_tokens": max_tokens})
 
 
-class RandomTask:
+class RandomTask(Task):
     """Synthetic prompts of random digits (one token per digit on digit-splitting tokenizers);
     output length forced with ignore_eos. Lengths are uniform in [len*(1-range), len*(1+range)]."""
 

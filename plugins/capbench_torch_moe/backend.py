@@ -7,7 +7,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from capbench_core.backend import Availability, EngineInfo, ModelRef, Session, check_options
+from capbench_core.backend import (
+    UNKNOWN_SHAPE,
+    Availability,
+    Backend,
+    EngineInfo,
+    LoadShape,
+    ModelRef,
+    Session,
+    check_options,
+)
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
 
@@ -26,7 +35,7 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-class TorchMoEBackend:
+class TorchMoEBackend(Backend):
     name = "torch_moe"
     device = "cpu"  # S-MBU/S-MFU use the host CPU's peaks
     description = "raw PyTorch MoE execution (continuous batching, router instrumentation)"
@@ -34,13 +43,17 @@ class TorchMoEBackend:
                "max_model_len": "KV cache length per sequence (default: the model's, at most 4096)",
                "threads": "torch threads (default: all cores)"}
 
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        return {"dtype": dtype} if dtype in DTYPES else None
+
     def available(self) -> Availability:
         if importlib.util.find_spec("torch") is None:
             return Availability.no("torch is not installed (pip install torch, then capbench[torch])")
         return Availability.yes()
 
     @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any]) -> Iterator[Session]:
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         import torch
         from tokenizers import Tokenizer
 

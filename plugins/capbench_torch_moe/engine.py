@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from capbench_core.backend import DecodeStep, ExpertActivation, Request, TokenChunk, drain
+from capbench_core.backend import DecodeStep, ExpertActivation, Request, Session, TokenChunk, drain
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 
@@ -243,7 +243,7 @@ class Engine:
         self._emit(seq, None)
 
 
-class TorchMoESession:
+class TorchMoESession(Session):
     """Session over an Engine: asyncio streaming, token counts, activation records."""
 
     def __init__(self, engine: Engine, engine_info: Any):

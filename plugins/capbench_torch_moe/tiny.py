@@ -112,6 +112,20 @@ def hf_config(r: TinyRecipe, eos_id: int, vocab_size: int) -> dict[str, Any]:
     }
 
 
+def untie_for_shipping(weights: dict[str, torch.Tensor],
+                       config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Store the LM head explicitly (a copy of the embedding table) and say the weights are untied.
+
+    The model is trained with tied embeddings. Shipping the head as its own tensor changes no logit,
+    and every engine can load it: SGLang 0.5.23's Qwen3-MoE ignores ``tie_word_embeddings`` and leaves
+    ``lm_head`` uninitialised (docs/engines.md).
+    """
+    if not config.get("tie_word_embeddings"):
+        return weights, config
+    return ({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+            {**config, "tie_word_embeddings": False})
+
+
 def _batch(tok: Any, pairs: list[tuple[int, int]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, T] and a loss mask that covers the answer and EOS only."""
     seqs, masks = [], []
@@ -218,7 +232,8 @@ def build(out_dir: Path, recipe: TinyRecipe = TinyRecipe(), threads: int | None 
             p.copy_(p.to(torch.bfloat16).float())
     accuracy = held_out_accuracy(model, tok, eos_id, recipe.eval_problems)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.to(torch.bfloat16) for k, v in to_hf_state_dict(model).items()}
+    weights, config = untie_for_shipping({k: v.to(torch.bfloat16) for k, v in to_hf_state_dict(model).items()},
+                                         config)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(str(out_dir / "tokenizer.json"))

