@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -125,9 +124,15 @@ def served_site(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
     line = proc.stderr.readline()
     url = re.search(r"http://127\.0\.0\.1:\d+/", line)
     assert url, line
-    yield url.group(0), runs
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
+    try:
+        yield url.group(0), runs
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _chromium() -> str:
@@ -189,4 +194,3 @@ def _assert_chart_is_drawn(png: Path) -> None:
 def test_serve_refuses_a_directory_without_a_site(tmp_path: Path) -> None:
     proc = run_cli("leaderboard", "serve", "--dir", str(tmp_path))
     assert proc.returncode == 1 and "has no index.html" in proc.stderr
-    time.sleep(0)
