@@ -35,7 +35,7 @@ from capbench_core.backend import (
 )
 from capbench_core.errors import CapbenchError
 from capbench_core.results import HardwareSpec
-from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf
+from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf, llama_log_to
 
 OPTIONS = {
     "gguf_type": "f32 | bf16 | q8_0 | q4_k_m (default f32)",
@@ -81,29 +81,6 @@ def gguf_context_length(gguf: Path) -> int | None:
         return int(reader.fields[f"{arch}.context_length"].contents())
     except (KeyError, ValueError, OSError):
         return None
-
-
-@contextmanager
-def llama_log_to(path: Path) -> Iterator[None]:
-    """llama.cpp's own log lines (C-level, otherwise on the terminal's stderr) go to ``path`` for the
-    block; llama-cpp-python's handler is put back afterwards."""
-    import ctypes
-
-    import llama_cpp
-    import llama_cpp._logger as default
-
-    log = open(path, "a", buffering=1)
-
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def write(level: int, text: bytes, user_data: Any) -> None:
-        log.write(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
-        log.close()
 
 
 def gguf_cache() -> Path:

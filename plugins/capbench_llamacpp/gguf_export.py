@@ -9,6 +9,8 @@ exactly what llama.cpp itself would produce.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,17 +121,42 @@ def export_f32(model_dir: Path, out: Path) -> Path:
     return out
 
 
+@contextmanager
+def llama_log_to(path: Path) -> Iterator[None]:
+    """llama.cpp's own log lines (C-level, otherwise on the terminal's stderr) go to ``path`` for the
+    block; llama-cpp-python's handler is put back afterwards."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as default
+
+    log = open(path, "a", buffering=1)
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def write(level: int, text: bytes, user_data: Any) -> None:
+        log.write(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(default.llama_log_callback, ctypes.c_void_p(0))
+        log.close()
+
+
 def quantize(src: Path, out: Path, gguf_type: str, threads: int = 0) -> Path:
-    """Quantise an F32 GGUF with llama.cpp's own quantiser."""
+    """Quantise an F32 GGUF with llama.cpp's own quantiser (its log goes next to the output)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{GGUF_TYPES[gguf_type]}")
     params.nthread = threads
     tmp = out.with_suffix(".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    log = out.with_suffix(".quantize.log")
+    with llama_log_to(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
-        raise CapbenchError(f"llama.cpp could not quantise {src} to {gguf_type} (return code {rc})")
+        raise CapbenchError(f"llama.cpp could not quantise {src} to {gguf_type} (return code {rc}; log: {log})")
     tmp.replace(out)
     return out
 
