@@ -9,7 +9,7 @@ really activated.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from capbench_core.errors import CapbenchError
 
 if TYPE_CHECKING:
-    from capbench_core.engine_metrics import WindowReport
+    from capbench_core.engine_metrics import ExpertCounts, WindowReport
     from capbench_core.results import HardwareSpec
 
 
@@ -225,6 +225,11 @@ class Session:
         """Called just after them: the engine's own view of the window, or None."""
         return None
 
+    async def expert_pass(self, requests: Sequence[Request], concurrency: int) -> ExpertCounts | None:
+        """After the window, when the window gave no measured A: send the same requests again (not timed)
+        and return the distinct experts per layer the engine reports routing them to, or None."""
+        return None
+
 
 class Backend:
     """Base class of every serving backend.
@@ -267,6 +272,7 @@ class Backend:
 OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
     "Backend": ("description", "device", "options", "needs_endpoint", "engine_env", "available_for",
                 "dtype_options"),
-    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "begin_window", "end_window"),
+    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "begin_window", "end_window",
+                "expert_pass"),
     "Task": ("scores_externally", "variant", "evaluate"),
 }

@@ -212,7 +212,13 @@ class Runner:
             await run_phase(session, measured, arrivals, origin, main_phase, False, workload.score,
                             lambda _: tick())
             self.reporter.end_phase()
-            reports.append(await asyncio.to_thread(session.end_window))
+            report = await asyncio.to_thread(session.end_window)
+            if report is None or not report.experts_per_layer:
+                counts = await session.expert_pass(measured, level.concurrency)
+                if counts is not None:
+                    report = report or WindowReport()
+                    report.experts_per_layer, report.expert_method = counts.per_layer, counts.method
+            reports.append(report)
 
         try:
             asyncio.run(drive())

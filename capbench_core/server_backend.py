@@ -179,6 +179,13 @@ class ServerBackend(Backend):
     def probe(self, base_url: str, opts: Mapping[str, Any], run_dir: Path | None) -> EngineProbe:
         return EngineProbe(base_url, self.flavor)
 
+    def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
+                opts: Mapping[str, Any]) -> Session:
+        """The session over the launched or attached server (an engine may add what only it offers)."""
+        from capbench_core.openai_client import OpenAISession
+
+        return OpenAISession(url, name, info, counter, probe=probe)
+
     def variant(self, found: engines.Resolved, log: Path) -> str:
         """How the engine ran (kernels, build), from its installation and its start-up log."""
         return found.variant
@@ -187,7 +194,7 @@ class ServerBackend(Backend):
     def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
               shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         from capbench_core.launcher import free_port, launch, run_log_dir
-        from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
+        from capbench_core.openai_client import check_endpoint, tokenizer_counter
 
         opts = self.parse(options)
         counter = tokenizer_counter(model.path)
@@ -198,7 +205,7 @@ class ServerBackend(Backend):
             dtype = str(opts.get("dtype") or checkpoint_dtype(model))  # engines serve the checkpoint's by default
             info = EngineInfo(self.name, self.version(url), {"endpoint": url, "served_model": name,
                                                                "weight_dtype": dtype})
-            yield OpenAISession(url, name, info, counter, probe=self.probe(url, opts, None))
+            yield self.session(url, name, info, counter, self.probe(url, opts, None), opts)
             return
         found = self.resolve(opts)
         if isinstance(found, str):
@@ -219,8 +226,8 @@ class ServerBackend(Backend):
                               variant=self.variant(found, server.log_path), executable=found.executable,
                               installed_from=found.origin)
             name = str(opts.get("served_model") or model.name)
-            yield OpenAISession(server.base_url, name, info, counter, probe=self.probe(server.base_url, opts,
-                                                                                        run_dir))
+            yield self.session(server.base_url, name, info, counter, self.probe(server.base_url, opts, run_dir),
+                               opts)
 
 
 def get_json(url: str) -> dict[str, Any] | None:

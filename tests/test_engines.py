@@ -113,3 +113,26 @@ def test_metrics_window_math() -> None:
     assert values["server_tpot_ms_mean"] is None and "inter-token" not in notes.get("server_tpot_ms_mean", "x")
     with pytest.raises(ScrapeError):
         parse("not { prometheus")
+
+
+def test_vllm_routed_experts_give_distinct_experts_per_rebuilt_step() -> None:
+    """What a CUDA build returns with --enable-return-routed-experts ([tokens, layers, top_k] ids, as lists or a
+    base64 .npy), counted per step: the tokens at one position across each group of `concurrency` requests."""
+    import base64
+    import io
+
+    import numpy as np
+
+    from capbench_vllm import decode_routed, distinct_per_step
+
+    a = [[[0, 1], [2, 3]], [[0, 1], [2, 4]]]           # 2 tokens, 2 layers, top-2
+    b = np.array([[[1, 5], [3, 6]], [[6, 7], [3, 4]], [[0, 1], [2, 3]]], dtype=np.int16)  # 3 tokens
+    buf = io.BytesIO()
+    np.save(buf, b)
+    routed = [decode_routed(a), decode_routed(base64.b64encode(buf.getvalue()).decode())]
+    assert decode_routed(None) is None and routed[1].shape == (3, 2, 2)
+    # together (c=2): step 0 layer 0 {0,1,5} = 3, layer 1 {2,3,6} = 3; step 1 {0,1,6,7} = 4, {2,3,4} = 3;
+    # step 2 (b alone) {0,1} = 2, {2,3} = 2 -> layer means (3+4+2)/3, (3+3+2)/3
+    assert distinct_per_step(routed, 2) == pytest.approx([3.0, 8 / 3])
+    # one at a time (c=1): every step is one token, exactly top-k
+    assert distinct_per_step(routed, 1) == [2.0, 2.0]

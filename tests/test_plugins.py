@@ -165,10 +165,15 @@ def test_runner_and_cli_probe_no_capability_with_getattr() -> None:
         assert not probes, f"{module} probes capabilities: {probes}"
 
 
-def test_unknown_names_suggest_the_closest() -> None:
+def test_names_are_found_forgivingly_and_otherwise_suggested() -> None:
     pm = PluginManager().collect()
-    with pytest.raises(CapbenchError, match="unknown backend 'torch_mo' — did you mean 'torch_moe'"):
-        pm.backends.get("torch_mo")
+    assert pm.backends.get("torch_mo").name == "torch_moe"  # an unambiguous prefix
+    assert pm.backends.get("TORCH-MOE").name == "torch_moe"  # case and punctuation
+    assert pm.tasks.get("Arith").name == "arith"
+    with pytest.raises(CapbenchError, match="unknown backend 'llama' — did you mean 'llamacpp' or 'llamacpp_server'"):
+        pm.backends.get("llama")  # a prefix of two: both suggested, neither picked
+    with pytest.raises(CapbenchError, match="unknown backend 'torch_moa' — did you mean 'torch_moe'"):
+        pm.backends.get("torch_moa")
     with pytest.raises(CapbenchError, match="Available: arith, gsm8k, lm-eval, mmlu, random"):
         pm.tasks.get("gsm9k")
 

