@@ -113,6 +113,8 @@ class VLLMBackend(ServerBackend):
 
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
         env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0"}
+        if str(opts.get("return_routed_experts") or "").lower() in ("1", "true", "yes", "on"):
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # the routed-experts return needs Model Runner V2
         if found.device == "cpu":
             cores = sorted(os.sched_getaffinity(0))[:int(opts.get("threads") or 0) or None]
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
