@@ -124,6 +124,15 @@ class Step:
     run: Callable[[Context], None]
 
 
+def venv_steps(device: Device) -> list[Step]:
+    """The first steps of every Python engine: its virtualenv and, for CPU builds, the CPU torch pin
+    installed first (so nothing the engine asks for pulls a CUDA build)."""
+    steps = [Step("create the virtualenv", 5, lambda c: c.venv())]
+    if device == "cpu":
+        steps.append(Step(f"install {TORCH_CPU_PIN} (CPU build)", 40, lambda c: c.pip("install", TORCH_CPU_PIN)))
+    return steps
+
+
 class Recipe:
     """How to install one engine for a device, and how to tell what got installed.
 

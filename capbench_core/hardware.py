@@ -91,8 +91,12 @@ def measure_matmul_tflops(n: int = 1024) -> tuple[float, float]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
+    return _gemm_rate(rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32),
+                      n)
+
+
+def _gemm_rate(a: Any, b: Any, n: int) -> tuple[float, float]:
+    """TFLOP/s of ``a @ b`` (n x n), four products per trial after one warm-up: (best, spread)."""
     a @ b
 
     def once() -> float:
@@ -111,17 +115,8 @@ def measure_torch_matmul_tflops(dtype: str, n: int = 1024) -> tuple[float, float
     except ImportError:
         return None
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
-    b = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
-    a @ b
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        return 4 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
-
-    return _trials(once)
+    return _gemm_rate(torch.randn(n, n, generator=gen).to(getattr(torch, dtype)),
+                      torch.randn(n, n, generator=gen).to(getattr(torch, dtype)), n)
 
 
 def peaks_cache_file(fp: str) -> Path:

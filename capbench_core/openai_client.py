@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,14 @@ def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
         return [m["id"] for m in resp.json().get("data", [])]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CapbenchError(f"{url} did not return an OpenAI model list") from None
+
+
+def attach(options: Mapping[str, Any], default_name: str) -> tuple[str, str]:
+    """For ``endpoint=URL``: the server's base URL and the model name to ask it for (``served_model``, else
+    the one it serves, else ``default_name``), after one reachability check."""
+    url = str(options["endpoint"]).rstrip("/")
+    served = check_endpoint(url)
+    return url, str(options.get("served_model") or (served[0] if served else default_name))
 
 
 class OpenAISession(Session):

@@ -194,14 +194,12 @@ class ServerBackend(Backend):
     def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
               shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         from capbench_core.launcher import free_port, launch, run_log_dir
-        from capbench_core.openai_client import check_endpoint, tokenizer_counter
+        from capbench_core.openai_client import attach, tokenizer_counter
 
         opts = self.parse(options)
         counter = tokenizer_counter(model.path)
         if opts.get("endpoint"):
-            url = str(opts["endpoint"]).rstrip("/")
-            served = check_endpoint(url)
-            name = str(opts.get("served_model") or (served[0] if served else model.name))
+            url, name = attach(opts, model.name)
             dtype = str(opts.get("dtype") or checkpoint_dtype(model))  # engines serve the checkpoint's by default
             info = EngineInfo(self.name, self.version(url), {"endpoint": url, "served_model": name,
                                                                "weight_dtype": dtype})

@@ -216,14 +216,12 @@ class LlamaCppServerBackend(Backend):
               shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         from capbench_core.engine_metrics import EngineProbe
         from capbench_core.launcher import free_port, launch, run_log_dir
-        from capbench_core.openai_client import check_endpoint, tokenizer_counter
+        from capbench_core.openai_client import attach, tokenizer_counter
 
         opts = self.parse(options)
         counter = tokenizer_counter(model.path)
         if opts.get("endpoint"):
-            url = str(opts["endpoint"]).rstrip("/")
-            served = check_endpoint(url)
-            name = str(opts.get("served_model") or (served[0] if served else model.name))
+            url, name = attach(opts, model.name)
             info = EngineInfo("llama.cpp server", "attached", {"endpoint": url, "served_model": name})
             yield _server_session(url, name, info, counter, EngineProbe(url, "llamacpp"))
             return

@@ -26,7 +26,7 @@ from typing import Any
 from capbench_core import hookimpl
 from capbench_core.backend import LoadShape, ModelRef
 from capbench_core.engine_metrics import EngineProbe, ExpertRecorder
-from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step
+from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step, venv_steps
 from capbench_core.plugins import BackendRegistry, EngineRegistry
 from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
 
@@ -64,11 +64,9 @@ class SGLangRecipe(Recipe):
     def steps(self, device: Device) -> list[Step]:
         package = self.packages[device]
         if device == "cuda":
-            return [Step("create the virtualenv", 5, lambda c: c.venv()),
-                    Step(f"install {package}", 600, lambda c: c.pip("install", package))]
+            return [*venv_steps(device), Step(f"install {package}", 600, lambda c: c.pip("install", package))]
         return [
-            Step("create the virtualenv", 5, lambda c: c.venv()),
-            Step(f"install {TORCH_CPU_PIN} (CPU build)", 40, lambda c: c.pip("install", TORCH_CPU_PIN)),
+            *venv_steps(device),
             Step(f"install {package} without its CUDA dependencies", 10,
                  lambda c: c.pip("install", "--no-deps", package)),
             Step(f"install the {len(CPU_REQUIREMENTS)} packages its CPU path imports", 120, _cpu_requirements),

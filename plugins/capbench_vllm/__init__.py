@@ -26,7 +26,7 @@ from typing import Any
 from capbench_core import hookimpl
 from capbench_core.backend import EngineInfo, LoadShape, ModelRef, Request, Session
 from capbench_core.engine_metrics import EngineProbe, ExpertCounts
-from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step
+from capbench_core.engines import Context, Device, Recipe, Resolved, Step, venv_steps
 from capbench_core.openai_client import OpenAISession
 from capbench_core.plugins import BackendRegistry, EngineRegistry
 from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
@@ -46,9 +46,7 @@ class VLLMRecipe(Recipe):
 
     def steps(self, device: Device) -> list[Step]:
         package = self.packages[device]
-        steps = [Step("create the virtualenv", 5, lambda c: c.venv())]
-        if device == "cpu":
-            steps.append(Step(f"install {TORCH_CPU_PIN} (CPU build)", 40, lambda c: c.pip("install", TORCH_CPU_PIN)))
+        steps = venv_steps(device)
         steps.append(Step(f"install {package}", 150 if device == "cpu" else 300, lambda c: c.pip("install", package)))
         if device == "cpu":
             steps.append(Step("remove the CUDA builds of torchvision, torchaudio, torchcodec", 5,
