@@ -136,3 +136,23 @@ def test_vllm_routed_experts_give_distinct_experts_per_rebuilt_step() -> None:
     assert distinct_per_step(routed, 2) == pytest.approx([3.0, 8 / 3])
     # one at a time (c=1): every step is one token, exactly top-k
     assert distinct_per_step(routed, 1) == [2.0, 2.0]
+
+
+def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:
+    from capbench_core.backend import LoadShape
+    from capbench_llamacpp.server import LlamaCppServerBackend
+
+    b = LlamaCppServerBackend()
+    opts = b.parse({"n_cpu_moe": "2", "override_tensor": "exps=CPU", "n_gpu_layers": "all", "cache_type_k": "q8_0",
+                    "flash_attn": "on", "ubatch_size": "256"})
+    argv = b.argv(Path("/bin/llama-server"), Path("/m.gguf"), 8080, opts, "tiny-moe", LoadShape(4, 40))
+    line = shlex.join(argv)
+    for part in ("--n-cpu-moe 2", "--override-tensor exps=CPU", "--n-gpu-layers all", "--cache-type-k q8_0",
+                 "--cache-type-v f32", "--flash-attn on", "--ubatch-size 256", "--parallel 4", "--ctx-size 160",
+                 "--metrics"):
+        assert part in line, part
+    for bad, message in (({"n_cpu_moe": "some"}, "n_cpu_moe='some' is not valid"),
+                         ({"cache_type_v": "q3"}, "cache_type_v='q3' is not valid"),
+                         ({"flash_attn": "yes"}, "flash_attn='yes' is not valid")):
+        with pytest.raises(Exception, match=message):
+            b.parse(bad)

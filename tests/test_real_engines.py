@@ -28,6 +28,17 @@ def _run(tmp_path: Path, backends: str, *extra: str) -> dict[tuple[str, int], di
     return {(r["backend"], r["workload"]["concurrency"]): r for r in json.loads(out.read_text())}
 
 
+def _verify(rows: dict[tuple[str, int], dict[str, Any]], backend: str, tmp_path: Path) -> None:
+    """A genuine bundle of the engine's runs re-derives: `capbench verify` accepts it."""
+    from capbench_core import bundle
+    from capbench_core.results import RunResult
+
+    path = tmp_path / f"{backend}.json"
+    bundle.write([RunResult.model_validate(r) for (b, _), r in rows.items() if b == backend], path)
+    proc = run_cli("verify", str(path), check=True)
+    assert "ok — 2 run(s) re-derived" in proc.stdout
+
+
 def _common_checks(rows: dict[tuple[str, int], dict[str, Any]], backend: str) -> None:
     for c in (1, 4):
         r = rows[(backend, c)]
@@ -49,8 +60,10 @@ def vllm_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int],
     return _run(tmp_path_factory.mktemp("vllm"), "torch_moe,vllm")
 
 
-def test_vllm_serves_the_tiny_moe_and_its_metrics_agree_with_the_client(vllm_rows: dict) -> None:  # type: ignore[type-arg]
+def test_vllm_serves_the_tiny_moe_and_its_metrics_agree_with_the_client(vllm_rows: dict,  # type: ignore[type-arg]
+                                                                        tmp_path: Path) -> None:
     _common_checks(vllm_rows, "vllm")
+    _verify(vllm_rows, "vllm", tmp_path)
     for c in (1, 4):
         r = vllm_rows[("vllm", c)]
         m, engine = r["metrics"], r["engine"]
@@ -99,8 +112,10 @@ def sglang_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int
     return _run(tmp_path_factory.mktemp("sglang"), "sglang,torch_moe")
 
 
-def test_sglang_serves_the_tiny_moe_with_measured_expert_activation(sglang_rows: dict) -> None:  # type: ignore[type-arg]
+def test_sglang_serves_the_tiny_moe_with_measured_expert_activation(sglang_rows: dict,  # type: ignore[type-arg]
+                                                                    tmp_path: Path) -> None:
     _common_checks(sglang_rows, "sglang")
+    _verify(sglang_rows, "sglang", tmp_path)
     for c in (1, 4):
         r = sglang_rows[("sglang", c)]
         m = r["metrics"]
@@ -126,7 +141,7 @@ def test_sglang_expert_activation_crosschecks(sglang_rows: dict) -> None:  # typ
           f"uniform estimate {uniform:.2f} (torch_moe mean decode batch {batch:.2f})")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_an_sglang_run_leaves_no_process(tmp_path: Path, sig: signal.Signals) -> None:
     require_engine("sglang")
     db = f"sqlite:///{tmp_path / 'r.db'}"
@@ -150,8 +165,10 @@ def llama_server_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[st
     return _run(tmp_path_factory.mktemp("llama-server"), "llamacpp_server")
 
 
-def test_llama_server_batches_concurrent_requests(llama_server_rows: dict) -> None:  # type: ignore[type-arg]
+def test_llama_server_batches_concurrent_requests(llama_server_rows: dict,  # type: ignore[type-arg]
+                                                  tmp_path: Path) -> None:
     _common_checks(llama_server_rows, "llamacpp_server")
+    _verify(llama_server_rows, "llamacpp_server", tmp_path)
     one, four = llama_server_rows[("llamacpp_server", 1)], llama_server_rows[("llamacpp_server", 4)]
     assert four["metrics"]["output_tok_per_s"] > 1.3 * one["metrics"]["output_tok_per_s"]  # continuous batching
     assert four["engine_metrics"]["decode_batch_mean"] > 1.2  # short answers: the slots rarely all decode at once
