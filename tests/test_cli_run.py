@@ -61,9 +61,9 @@ def test_hardware_prices_lists_dated_sourced_rows() -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--backend", "torch_mo"], "unknown backend 'torch_mo' — did you mean 'torch_moe'?"),
+    (["--backend", "torch_moa"], "unknown backend 'torch_moa' — did you mean 'torch_moe'?"),
     (["--task", "arth"], "unknown task 'arth' — did you mean 'arith'?"),
-    (["--model", "tiny-mo"], "unknown model 'tiny-mo' — did you mean 'tiny-moe'?"),
+    (["--model", "tiny-mox"], "unknown model 'tiny-mox' — did you mean 'tiny-moe'?"),
     (["--concurrency", "0"], "--concurrency '0' needs integers >= 1"),
     (["--backend-option", "dtype"], "option 'dtype' is malformed: write KEY=VALUE"),
     (["--price-usd-per-hour", "1", "--cost-preset", "moe-cap"],
