@@ -52,8 +52,8 @@ def _interrupt_after_a_finished_cell(path: Path, db_url: str, extra: list[str]) 
             pass
         time.sleep(0.2)
     sweep.send_signal(signal.SIGINT)
-    sweep.communicate(timeout=120)
-    assert sweep.returncode == 130
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out + err
     return {h for h, c in _cells(db_url).items() if c["status"] == "complete"}
 
 
