@@ -121,7 +121,7 @@ class Step:
 
     label: str
     estimate_s: float
-    run: Callable[[Context], None]
+    run: Callable[[Context], object]
 
 
 def venv_steps(device: Device) -> list[Step]:

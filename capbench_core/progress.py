@@ -106,8 +106,10 @@ class TerminalReporter(Reporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        elif self._label and self._done and not self.console.is_terminal:
-            self._plain(f"{self._label}: {self._done} done in {time.monotonic() - self._started:.1f} s")
+        elif self._label and not self.console.is_terminal and (self._done or self._total is None):
+            took = time.monotonic() - self._started
+            self._plain(f"{self._label}: {self._done} done in {took:.1f} s" if self._total is not None
+                        else f"{self._label.split(' (')[0].rstrip('…')}: done in {took:.1f} s")
         self._label, self._done = "", 0
 
     def note(self, text: str) -> None:
