@@ -167,7 +167,9 @@ def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # 
         assert ringed.evaluate_all("cs => cs.map(c => c.parentElement.dataset.backend)") == ["sglang", "sglang"]
         throughput = page.locator("table.cap thead th", has_text="out tok/s")
         throughput.click()
-        column = "rs => rs.map(r => parseFloat(r.cells[5].dataset.v))"
+        column = ("rs => { const i = [...rs[0].closest('table').tHead.rows[0].cells]"
+                  ".findIndex(c => c.textContent.trim() === 'out tok/s'); "
+                  "return rs.map(r => parseFloat(r.cells[i].dataset.v)); }")
         ascending = rows.evaluate_all(column)
         assert ascending == sorted(ascending)
         throughput.click()
