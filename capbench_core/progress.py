@@ -59,7 +59,7 @@ def waiting(label: str) -> Iterator[None]:
         reporter.end_phase()
 
 
-PLAIN_STEPS_FROM = 100  # phases with at least this many items print their tenths in a pipe
+PLAIN_EVERY_S = 10.0  # in a pipe, a long phase prints its count this often
 
 
 class TerminalReporter(Reporter):
@@ -73,10 +73,12 @@ class TerminalReporter(Reporter):
         self._started = 0.0
         self._done = 0
         self._total: int | None = None
+        self._last_line = 0.0
 
     def phase(self, label: str, total: int | None = None) -> Callable[[], None]:
         self.end_phase()
         self._label, self._started, self._done, self._total = label, time.monotonic(), 0, total
+        self._last_line = self._started
         if not self.console.is_terminal:
             self._plain(f"{label}…" if total is None else f"{label} (0/{total})…")
             return self._count
@@ -96,11 +98,13 @@ class TerminalReporter(Reporter):
         return tick
 
     def _count(self) -> None:
-        """In a pipe: a line at every tenth of a long phase (a CI log shows it moving, no redraws)."""
+        """In a pipe: a `done/total` line when a phase has run PLAIN_EVERY_S since the last one (a CI log
+        shows a long phase moving; a short one prints only its start and end)."""
         self._done += 1
-        total = self._total
-        if total and total >= PLAIN_STEPS_FROM and self._done * 10 // total > (self._done - 1) * 10 // total:
-            self._plain(f"{self._label}: {self._done}/{total}")
+        now = time.monotonic()
+        if self._total and now - self._last_line >= PLAIN_EVERY_S and self._done < self._total:
+            self._last_line = now
+            self._plain(f"{self._label}: {self._done}/{self._total}")
 
     def end_phase(self) -> None:
         if self._progress is not None:

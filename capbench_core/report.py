@@ -69,10 +69,10 @@ COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("backend", lambda r: r.backend),
     ("load", load_label),
     ("dtype", lambda r: r.model.dtype),
-    ("TTFT ms", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
-    ("TPOT ms", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
+    ("TTFT", lambda r: _fmt(r.metrics.ttft_ms_p50, ".2f")),
+    ("TPOT", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
     ("tok/s", lambda r: _fmt(r.metrics.output_tok_per_s, ".1f")),
-    ("accuracy", _accuracy_short),
+    ("acc", _accuracy_short),
     ("A", _experts_short),
     ("S-MBU", lambda r: _pct(r.metrics.s_mbu)),
     ("S-MFU", lambda r: _pct(r.metrics.s_mfu)),
@@ -83,8 +83,9 @@ COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("server TPOT ms", lambda r: _fmt(r.metrics.server_tpot_ms_mean, ".2f")),
 ]
 ESSENTIAL = 6  # backend .. tok/s: below this, one block per row reads better than a table
-LEGEND = ("TTFT/TPOT: client p50; tok/s: output tokens/s; A: distinct experts per MoE layer per decode step "
-          "(meas = measured, est = uniform-routing estimate); server TTFT/TPOT: the engine's own means")
+LEGEND = ("TTFT/TPOT: client p50, ms; tok/s: output tokens/s; acc: accuracy; A: distinct experts per MoE layer "
+          "per decode step (meas = measured, est = uniform-routing estimate); server TTFT/TPOT: the engine's own "
+          "means, ms")
 
 NOTE_KEYS = {"cost_usd_per_mtok": "$/Mtok", "energy_j": "J/token", "s_mbu": "S-MBU", "s_mfu": "S-MFU",
              "accuracy": "accuracy"}
@@ -165,7 +166,7 @@ def under_table(results: Sequence[RunResult], hidden: list[str]) -> list[str]:
     scored = [r for r in results if r.metrics.accuracy is not None]
     if scored:
         lines.append("accuracy 95% CI: " + "; ".join(f"{r.backend} {load_label(r)} {_accuracy(r)}" for r in scored))
-    variants = {f"{r.backend}: {_variant(r)}" for r in results if _variant(r)}
+    variants = {f"{r.backend}: {_variant(r)}" for r in results if _variant(r) not in ("", "cpu", "cuda")}
     lines += [f"engine variant — {v}" for v in sorted(variants)]
     if hidden:
         lines.append(f"not shown at this width: {', '.join(hidden)} (--format rows shows every field)")
