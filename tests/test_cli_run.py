@@ -124,7 +124,7 @@ def test_a_backend_that_fails_to_start_gets_a_failed_row(tmp_path: Path, db_url:
 def test_interrupt_stores_partial_run_and_exits_130(db_url: str, sig: signal.Signals) -> None:
     with background("run", "--backend", "torch_moe", "--num-requests", "5000", "--warmup", "0",
                     "--concurrency", "1", "--db", db_url) as run:
-        run.wait_for("/5000", 600)  # the first count line: requests are done
+        run.wait_for("torch_moe c=1: ", 600)  # the first count line (`… c=1: N/5000`): requests are done
         run.proc.send_signal(sig)
         assert run.finish(120) == 130, "".join(run.lines)
     assert "stored as partial" in "".join(run.lines)

@@ -36,7 +36,7 @@ def test_compare_fits_the_width_with_every_cell_whole(stored: str, width: int) -
         for value in (f"{r['ttft_ms_p50']:.2f}", f"{r['tpot_ms_p50']:.2f}", f"{r['output_tok_per_s']:.1f}",
                       f"{r['accuracy']:.3f}"):
             assert value in line, (value, line)
-    if width < 120:
+    if width == 80:  # the full table needs more than 80 columns; what is left out is named
         assert "not shown at this width:" in out
 
 
