@@ -51,6 +51,11 @@ class CapbenchGroup(click.Group):
             os._exit(130)
 
 
+DB_OPTION = click.option(
+    "--db", "db_url", default=None, envvar="CAPBENCH_DB", metavar="URL|PATH",
+    help="Results database: a SQLAlchemy URL (sqlite:///…, postgresql+psycopg://…) or a SQLite file path "
+         "(default: SQLite in the user data dir; env CAPBENCH_DB).")
+
 @click.group(cls=CapbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="capbench")
@@ -201,8 +206,7 @@ def _choose_backends(pm: Any, console: Any, backends: str | None, endpoint: str 
               help="Data file for file-based tasks (gsm8k, mmlu): JSONL, JSON or Parquet.")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
               help="Passed to the task (random: input_len, output_len, range_ratio, seed).")
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB",
-              help="SQLAlchemy URL of the results database (default: SQLite in the user data dir).")
+@DB_OPTION
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -325,7 +329,7 @@ def _progress_reporter(console: Any) -> Any:
 
 
 @cli.command()
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 @click.option("--model", default=None, help="Only runs of this model.")
 @click.option("--backend", default=None, help="Only runs of this backend.")
 @click.option("--task", default=None, help="Only runs of this task.")
@@ -403,7 +407,7 @@ def plugins(as_json: bool) -> None:
 @click.option("--all", "export_all", is_flag=True, help="Export every stored run.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Bundle file to write (JSON).")
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 @click.option("--sign", "key_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sign the bundle with this private key (from `capbench keys generate`).")
 def export(run_ids: tuple[str, ...], export_all: bool, out: Path, db_url: str | None, key_path: Path | None) -> None:
@@ -488,7 +492,7 @@ def db() -> None:
 
 @db.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 @click.option("--require-signature", is_flag=True,
               help="Take only bundles signed by a trusted key (`capbench db trust`).")
 def import_bundles(files: tuple[Path, ...], db_url: str | None, require_signature: bool) -> None:
@@ -515,7 +519,7 @@ def import_bundles(files: tuple[Path, ...], db_url: str | None, require_signatur
 @db.command("trust")
 @click.argument("public_key")
 @click.option("--name", required=True, help="Who submits with this key (shown on the leaderboard).")
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 def trust(public_key: str, name: str, db_url: str | None) -> None:
     """Trust bundles signed with PUBLIC_KEY (a .pub file or its base64 text) as submitted by NAME."""
     from capbench_core import signing
@@ -527,7 +531,7 @@ def trust(public_key: str, name: str, db_url: str | None) -> None:
 
 
 @db.command("upgrade")
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 def upgrade_db(db_url: str | None) -> None:
     """Migrate the database to the newest schema (every command does this on open; this does only that)."""
     from capbench_core.store import Store
@@ -635,7 +639,7 @@ def sweep_plan(path: Path, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Skip cells already stored as complete for this sweep.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=1, show_default=True,
               help="Ray: times a cell is retried when its worker dies.")
-@click.option("--db", "db_url", default=None, envvar="CAPBENCH_DB", help="Results database URL.")
+@DB_OPTION
 def sweep_run(path: Path, executor: str, address: str | None, resume: bool, max_retries: int,
               db_url: str | None) -> None:
     """Run every cell (or, with --resume, the missing ones) into one database; exits 3 if a cell failed."""

@@ -121,11 +121,11 @@ def hourly_from_table(row_id: str, hw: HardwareSpec) -> Hourly:
     row = price_row(row_id)
     accel = _accelerators(hw)
     if not accel:
-        raise CapbenchError(f"price row {row_id!r} prices {row.accelerator} GPUs, and this machine has none: "
+        raise CapbenchError(f"price row {row.id!r} prices {row.accelerator} GPUs, and this machine has none: "
                             f"pass --price-usd-per-hour for a CPU machine")
     names = {name for name, _ in accel}
     if names != {row.accelerator}:
-        raise CapbenchError(f"price row {row_id!r} is for {row.accelerator}, but this run used "
+        raise CapbenchError(f"price row {row.id!r} is for {row.accelerator}, but this run used "
                             f"{', '.join(sorted(names))}; rows for it: "
                             f"{', '.join(r.id for r in rows_for(sorted(names)[0])) or '(none)'}")
     count = sum(n for _, n in accel)

@@ -26,10 +26,16 @@ def _folded(text: str) -> str:
     return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
+def _parts(choice: str) -> tuple[str, ...]:
+    """What a typed prefix may start: the whole name, or the part after a `source:` qualifier
+    (`h100` for `runpod:h100-sxm`)."""
+    return (choice, choice.rsplit(":", 1)[-1]) if ":" in choice else (choice,)
+
+
 def find_name(kind: str, name: str, known: Iterable[str]) -> str:
     """The known name a user meant: exact, else the same ignoring case, spaces and punctuation, else the
-    only one it is a prefix of (`h100 sxm`, `torch`, `tiny`). Several prefixes, or none: an error that
-    suggests the candidates."""
+    only one it is a prefix of, whole or after a `source:` qualifier (`h100 sxm`, `torch`, `tiny`, `b200`).
+    Several prefixes, or none: an error that suggests the candidates."""
     choices = list(known)
     if name in choices:
         return name
@@ -37,7 +43,7 @@ def find_name(kind: str, name: str, known: Iterable[str]) -> str:
     same = [c for c in choices if _folded(c) == folded]
     if len(same) == 1:
         return same[0]
-    prefixed = [c for c in choices if folded and _folded(c).startswith(folded)]
+    prefixed = [c for c in choices if folded and any(_folded(part).startswith(folded) for part in _parts(c))]
     if len(prefixed) == 1:
         return prefixed[0]
     raise unknown_name(kind, name, choices, sorted(prefixed))

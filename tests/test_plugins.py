@@ -178,6 +178,15 @@ def test_names_are_found_forgivingly_and_otherwise_suggested() -> None:
         pm.tasks.get("gsm9k")
 
 
+def test_a_prefix_may_skip_the_source_qualifier_of_a_price_row() -> None:
+    from capbench_core.cost import price_row
+
+    assert price_row("b200").id == "runpod:b200"  # the part after `runpod:`
+    with pytest.raises(CapbenchError, match="did you mean 'runpod-secure:h100-sxm' or 'runpod:h100-pcie' or "
+                                            "'runpod:h100-sxm'"):
+        price_row("h100")
+
+
 # --- every hook is documented and exercised by an inline plugin -------------------
 
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)

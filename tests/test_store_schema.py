@@ -171,3 +171,11 @@ def test_bad_urls_are_clear(tmp_path: Path) -> None:
         Store("nosuchdb://x")
     with pytest.raises(CapbenchError, match="cannot open database"):
         Store(f"sqlite:///{tmp_path / 'missing-dir' / 'r.db'}")
+
+
+def test_a_plain_path_is_a_sqlite_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = Store("results.db")
+    assert store.url == f"sqlite:///{tmp_path / 'results.db'}"
+    assert store.runs() == [] and (tmp_path / "results.db").is_file()
+    store.engine.dispose()

@@ -48,9 +48,16 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+def as_url(db: str) -> str:
+    """A database URL; a plain file path (`results.db`, `/tmp/x.db`) means that SQLite file."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
 class Store:
     def __init__(self, url: str | None = None):
-        self.url = url or default_url()
+        self.url = as_url(url or default_url())
         try:
             self.engine = create_engine(self.url)
         except (ArgumentError, ImportError, ValueError) as exc:
