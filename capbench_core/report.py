@@ -378,12 +378,13 @@ def print_joint(console: Console, joint: dict[str, Any], machine: dict[str, Any]
         table.add_row(*(Text(c) for c in (
             m["name"], f"{m['sparsity']:.3f}", f"{m['predicted_loss']:.4f}", _count(m["total_params"]),
             _count(m["active_params"]), f"{m['training_tokens']:.3g}", f"{m['weight_bytes'] / 1e9:.2f}",
-            "yes" if m["fits_memory"] else "no", f"{m['tok_per_s']:.0f}", _fmt(m["cost_usd_per_mtok"], ".3g"),
+            "yes" if m["fits_memory"] else "no", _fmt(m["tok_per_s"], ".0f"), _fmt(m["cost_usd_per_mtok"], ".3g"),
             ("* " if m["pareto"] else "") + ("extrapolated" if m["extrapolated"] else ""))))
     console.print(table)
     sizes = "; ".join(f"N={f['total_params']:.0e}: S*={f['best_sparsity']:.3f}" for f in joint["fixed_size"])
     below = joint["dense_best_below_params"]
-    for note in (f"{joint['label'] or 'user fit'} — {joint['source']}",
+    unserved = [f"{m['name']} {m['serving_note']}" for m in joint["members"] if m.get("serving_note")]
+    for note in (*unserved, f"{joint['label'] or 'user fit'} — {joint['source']}",
                  f"fixed N at this budget, the loss-minimising sparsity: {sizes}; dense is best below "
                  f"{'no size on the grid' if below is None else f'{below:.3g} parameters'}",
                  f"N and N_a related by capbench's analytics on one layout ({joint['layout']}); another layout "

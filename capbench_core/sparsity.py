@@ -297,11 +297,15 @@ def joint(fit: LossFit, compute: float, experts: list[int], top_k: int, machine:
     members: list[dict[str, Any]] = []
     for p, spec, row in zip(optima, specs, rows):
         v = row.by_batch[batch]
+        # A member that does not fit one accelerator gets no serving figures: the roofline is for one device.
+        serving_note = None if row.fits else (f"does not fit one {machine.name} ({row.weight_gb:.1f} GB of weights "
+                                              f"> {machine.memory_gb:g} GB); serving across several is not modelled")
         members.append({"name": f"E{p.experts}-k{p.top_k}", "experts": p.experts, "top_k": p.top_k,
                         "sparsity": p.sparsity, "hidden": p.hidden, "layers": spec.num_layers,
                         "predicted_loss": p.loss, "total_params": p.total_params, "active_params": p.active_params,
                         "training_tokens": p.tokens, "weight_bytes": spec.weight_bytes(dtype),
-                        "fits_memory": row.fits, "tok_per_s": v["tok_per_s"], "cost_usd_per_mtok": v["usd_per_mtok"],
+                        "fits_memory": row.fits, "tok_per_s": v["tok_per_s"] if row.fits else None,
+                        "cost_usd_per_mtok": v["usd_per_mtok"] if row.fits else None, "serving_note": serving_note,
                         "bound": v["bound"], "extrapolated": list(p.extrapolated)})
     servable = [m for m in members if m["fits_memory"]]
     front = pareto_front([(m["predicted_loss"], float(m["tok_per_s"])) for m in servable])  # lower loss vs cheaper

@@ -171,7 +171,11 @@ def test_joint_view_json_has_loss_and_serving_per_member(db_url: str, tmp_path) 
                 "fits_memory", "pareto"):
         assert all(key in m for m in members), key
     assert [m["predicted_loss"] for m in members] == sorted((m["predicted_loss"] for m in members), reverse=True)
-    assert members[0]["tok_per_s"] > members[-1]["tok_per_s"]  # the sparsest optimum is the dearest to serve
+    served = [m for m in members if m["fits_memory"]]
+    assert served[0]["tok_per_s"] > served[-1]["tok_per_s"]  # the sparsest optimum is the dearest to serve
+    e64 = members[-1]  # 48B parameters, ~97 GB in bf16: more than one H100 holds
+    assert not e64["fits_memory"] and e64["tok_per_s"] is None and e64["cost_usd_per_mtok"] is None
+    assert "does not fit one H100 SXM (96.8 GB of weights > 80 GB)" in e64["serving_note"] and not e64["pareto"]
     assert any(m["pareto"] for m in members) and not any(m["extrapolated"] for m in members)
     shown = run_cli("study", "sparsity", "--loss-fit", "abnar2025", "--compute-budget", "1e22", "--hardware",
                     "H100 SXM", "--db", db_url, env={"COLUMNS": "200"}, check=True).stdout
@@ -179,4 +183,4 @@ def test_joint_view_json_has_loss_and_serving_per_member(db_url: str, tmp_path) 
     run_cli("leaderboard", "build", "--db", db_url, "--out", str(tmp_path / "site"), check=True)
     page = (tmp_path / "site" / "sparsity.html").read_text()
     assert 'class="sortable joint"' in page and page.count('<tr class="optimum">') == 6
-    assert "transcribed by third parties" in page
+    assert "transcribed by third parties" in page and "E64-k2 does not fit one H100 SXM" in page
