@@ -50,7 +50,8 @@ async def _one(session: Session, req: Request, rec: RequestRecord, origin_ns: in
             now = chunk.emitted_ns or time.perf_counter_ns()
             if chunk.usage is not None:
                 usage = chunk.usage
-            if chunk.num_tokens or chunk.text:
+            if chunk.num_tokens or chunk.text or chunk.finish_reason:
+                # A token-free chunk that ends the generation (a server's EOS chunk) keeps its time: E2E.
                 rec.chunk_offsets_ns.append(now - sent)
                 rec.chunk_tokens.append(chunk.num_tokens)
                 text.append(chunk.text)

@@ -32,13 +32,18 @@ class Timings:
 
 
 def request_timings(rec: RequestRecord) -> Timings:
-    """Per-request latencies from the raw chunk offsets (token-bearing chunks only)."""
+    """Per-request latencies from the raw chunk offsets.
+
+    TTFT and ITL use token-bearing chunks; E2E ends at the last chunk received, which may carry no
+    token: servers send the end of a generation (the EOS token their usage block counts) as an empty
+    chunk, and TPOT divides by that count, so the step that made it must be inside E2E too.
+    """
     offsets = [o for o, n in zip(rec.chunk_offsets_ns, rec.chunk_tokens) if n > 0]
     tokens = rec.output_tokens if rec.output_tokens is not None else sum(rec.chunk_tokens)
     multi = sum(1 for n in rec.chunk_tokens if n > 1)
     if not offsets:
         return Timings(None, None, None, [], tokens, multi)
-    ttft, e2e = offsets[0] / NS_PER_MS, offsets[-1] / NS_PER_MS
+    ttft, e2e = offsets[0] / NS_PER_MS, max(offsets[-1], rec.chunk_offsets_ns[-1]) / NS_PER_MS
     tpot = (e2e - ttft) / (tokens - 1) if tokens >= 2 else None
     itl = [(b - a) / NS_PER_MS for a, b in zip(offsets, offsets[1:])]
     return Timings(ttft, e2e, tpot, itl, tokens, multi)
@@ -97,7 +102,7 @@ def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial:
         return [DecodeStep(1, step_ns, ctx, [a] * spec.moe_layers) for _ in range(tokens)]
     spans, gaps = [], []
     for r in ok:
-        offsets = [r.sent_ns + o for o, n in zip(r.chunk_offsets_ns, r.chunk_tokens) if n > 0]
+        offsets = _step_offsets(r)
         if len(offsets) >= 2:
             spans.append((offsets[0], offsets[-1]))
             gaps += [(a, b, (r.prompt_tokens or 0) + i + 1) for i, (a, b) in enumerate(zip(offsets, offsets[1:]))]
@@ -109,6 +114,16 @@ def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial:
         steps.append(DecodeStep(batch_size=batch, step_ns=end - start, context_tokens=batch * ctx,
                                 distinct_experts=[a] * spec.moe_layers, started_ns=start))
     return steps
+
+
+def _step_offsets(r: RequestRecord) -> list[int]:
+    """Absolute times of a request's token-bearing chunks, and of a token-free end-of-generation chunk
+    after them (a server's EOS chunk: its usage counts that token, so its gap is a decode step too)."""
+    offsets = [r.sent_ns + o for o, n in zip(r.chunk_offsets_ns, r.chunk_tokens) if n > 0]
+    if offsets and r.chunk_tokens[-1] == 0 and r.sent_ns + r.chunk_offsets_ns[-1] > offsets[-1] \
+            and (r.output_tokens or 0) > sum(r.chunk_tokens):
+        offsets.append(r.sent_ns + r.chunk_offsets_ns[-1])
+    return offsets
 
 
 def server_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, generated: float, step_ms: float,

@@ -39,6 +39,19 @@ def test_empty_chunks_do_not_count_as_tokens() -> None:
     assert t.ttft_ms == 50
 
 
+def test_a_servers_token_free_eos_chunk_ends_e2e() -> None:
+    """vLLM, SGLang and llama-server send the EOS step as an empty chunk and count it in their usage: E2E
+    ends there, so TPOT spreads the three steps after the first token over three gaps, not two."""
+    r = rec([50, 60, 70, 85], tokens=[1, 1, 1, 0])
+    r.output_tokens = 4
+    t = metrics.request_timings(r)
+    assert t.ttft_ms == 50 and t.e2e_ms == 85 and t.tpot_ms == pytest.approx(35 / 3)
+    assert t.itl_ms == [10, 10]  # ITL: token-bearing chunks only
+    spec = spec_from_path(CONFIGS / "mixtral-8x7b.json")
+    steps = metrics.client_side_steps([r], spec, serial=False, window_ns=85 * MS)
+    assert [s.step_ns for s in steps] == [10 * MS, 10 * MS, 15 * MS]  # the EOS step is a decode step
+
+
 def test_single_token_request_has_no_tpot() -> None:
     assert metrics.request_timings(rec([30])).tpot_ms is None
 
