@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from capbench_llamacpp.backend import gguf_cache
+from capbench_llamacpp.backend import gguf_cache, repack_setting
 from capbench_llamacpp.gguf_export import ensure_gguf
 from capbench_llamacpp.server import bench_binary
 from capbench_torch_moe.commands import tiny_model_dir
@@ -33,7 +33,8 @@ CAPBENCH = Path(sys.executable).parent / "capbench"
 def llama_bench(binary: Path, gguf: Path, threads: int, prompt: int, gen: int) -> tuple[float, float]:
     """(pp t/s, tg t/s), llama-bench's own averages over its repetitions."""
     out = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
-                          "-r", "5", "-o", "json"], capture_output=True, text=True, check=True).stdout
+                          "-r", "5", "-o", "json", "--repack", "1" if repack_setting("auto")[0] else "0"],
+                         capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
     tg = next(r["avg_ts"] for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)

@@ -156,3 +156,26 @@ def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:
                          ({"flash_attn": "yes"}, "flash_attn='yes' is not valid")):
         with pytest.raises(Exception, match=message):
             b.parse(bad)
+
+
+def test_llama_cpp_weight_repacking_follows_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's AMX kernels crash on quantized weights (ggml-org/llama.cpp#20824): ``repack=auto`` turns
+    repacking off on an AMX CPU only, says why, and an explicit setting wins either way."""
+    from capbench_core.backend import LoadShape
+    from capbench_llamacpp import backend as llamacpp
+    from capbench_llamacpp.server import LlamaCppServerBackend
+
+    b = LlamaCppServerBackend()
+
+    def argv(**options: str) -> list[str]:
+        return b.argv(Path("/bin/llama-server"), Path("/m.gguf"), 8080, b.parse(options), "tiny-moe",
+                      LoadShape(1, 40))
+
+    for amx, repacked in ((True, False), (False, True)):
+        monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda amx=amx: amx)
+        assert ("--no-repack" not in argv()) is repacked
+        assert llamacpp.repack_setting("auto")[0] is repacked
+        assert "--no-repack" in argv(repack="off") and "--no-repack" not in argv(repack="on")
+        assert ("llama.cpp#20824" in llamacpp.repack_setting("auto")[1]) is amx
+    with pytest.raises(Exception, match="repack='maybe': use auto, on or off"):
+        b.parse({"repack": "maybe"})

@@ -16,6 +16,7 @@ from tests.conftest import run_cli
 from tests.engines import require_engine
 
 llama_cpp = pytest.importorskip("llama_cpp")
+from capbench_llamacpp.backend import no_repack_when, repack_setting  # noqa: E402
 from capbench_llamacpp.gguf_export import ensure_gguf  # noqa: E402
 
 PROMPTS = ["123+456=", "7+8=", "905+17=", "The sum of", "40+404="]
@@ -27,7 +28,9 @@ def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load(path: Path) -> object:
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, type_k=0, type_v=0, verbose=False)
+    """As the backend loads it (weight repacking as ``repack=auto`` sets it for this CPU)."""
+    with no_repack_when(not repack_setting("auto")[0]):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, type_k=0, type_v=0, verbose=False)
 
 
 def llama_logits(llm, text: str) -> tuple[list[int], np.ndarray]:  # type: ignore[no-untyped-def]

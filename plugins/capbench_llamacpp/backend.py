@@ -44,7 +44,11 @@ OPTIONS = {
     "n_ctx": "context size (default: the model's training context, at most 512)",
     "n_batch": "prompt batch size (default 512)",
     "kv_type": "f32 | f16 KV cache (default f32, so logits match the F32 reference)",
+    "repack": "auto | on | off: llama.cpp's weight repacking into CPU-specific layouts (default auto: off on "
+              "CPUs with AMX, where llama.cpp's AMX kernels crash on quantized GGUFs, ggml-org/llama.cpp#20824)",
 }
+AMX_CRASH = ("off: llama.cpp's AMX matrix kernels crash on this AMX CPU with quantized weights "
+             "(ggml-org/llama.cpp#20824); repack=on turns it back on")
 GGML_TYPES = {"f32": 0, "f16": 1}
 WEIGHT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "q8_0", "q4_k_m": "q4_k"}
 BAN = -1e9
@@ -60,7 +64,9 @@ def gguf_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The GGUF/llama.cpp options with defaults, checked."""
     check_options("llama.cpp", options, OPTIONS)
     opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": None, "n_batch": 512, "kv_type": "f32",
-            **{k: v for k, v in options.items() if v is not None}}
+            "repack": "auto", **{k: v for k, v in options.items() if v is not None}}
+    if opts["repack"] not in ("auto", "on", "off"):
+        raise CapbenchError(f"repack={opts['repack']!r}: use auto, on or off")
     if opts["gguf_type"] not in GGUF_TYPES:
         raise CapbenchError(f"unsupported GGUF type {opts['gguf_type']!r}; supported: {', '.join(GGUF_TYPES)}")
     if opts["kv_type"] not in GGML_TYPES:
@@ -69,6 +75,46 @@ def gguf_options(options: Mapping[str, Any]) -> dict[str, Any]:
         if opts[key] is not None:
             opts[key] = int(opts[key])
     return opts
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX (Intel Sapphire Rapids and later), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def repack_setting(option: str) -> tuple[bool, str]:
+    """(repack?, why) for the ``repack`` option: ``auto`` repacks except on an AMX CPU."""
+    if option == "auto":
+        return (False, AMX_CRASH) if cpu_has_amx() else (True, "on (llama.cpp's default)")
+    return option == "on", f"{option} (option repack={option})"
+
+
+@contextmanager
+def no_repack_when(off: bool) -> Iterator[None]:
+    """Load a llama-cpp-python model with weight repacking off (``use_extra_bufts = false``, what
+    llama-server's ``--no-repack`` sets): llama-cpp-python has no argument for it, so its default model
+    parameters are wrapped while the model loads."""
+    if not off:
+        yield
+        return
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
 
 
 def gguf_context_length(gguf: Path) -> int | None:
@@ -151,7 +197,7 @@ class LlamaCppSession(Session):
                                            repeat_penalty=s.repetition_penalty,
                                            logits_processor=[self._ban_eos] if req.ignore_eos else None):
                 if token == self._eos and not req.ignore_eos:
-                    put(TokenChunk(text=decoder.decode(b"", final=True), num_tokens=0, finish_reason="stop",
+                    put(TokenChunk(text=decoder.decode(b"", final=True), num_tokens=1, finish_reason="stop",
                                    emitted_ns=time.perf_counter_ns()))
                     break
                 piece = decoder.decode(self.llm.detokenize([token], prev_tokens=prompt + done))
@@ -214,15 +260,18 @@ class LlamaCppBackend(Backend):
         kv = GGML_TYPES[opts["kv_type"]]
         n_ctx = opts["n_ctx"] or min(512, gguf_context_length(gguf) or 512)
         log = run_log_dir() / f"llamacpp-{os.getpid()}-{time.time_ns()}.log"
+        repack, repack_why = repack_setting(opts["repack"])
         with llama_log_to(log):
             try:
-                llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=opts["n_batch"],
-                                      n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
+                with no_repack_when(not repack):
+                    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=opts["n_batch"],
+                                          n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
             except ValueError as exc:
                 raise CapbenchError(f"llama.cpp could not load {gguf}: {exc} (its log: {log})") from None
             info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
                               {**opts, "n_ctx": n_ctx, "gguf": str(gguf), "threads": llm.context_params.n_threads,
-                               "log": str(log), "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]]},
+                               "log": str(log), "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]],
+                               "repack": repack_why},
                               package="llama-cpp-python", package_version=llama_cpp.__version__,
                               variant="in-process (the llama.cpp vendored in its sdist)")
             session = LlamaCppSession(llm, info)

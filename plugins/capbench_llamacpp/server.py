@@ -47,6 +47,7 @@ from capbench_llamacpp.backend import (
     gguf_context_length,
     gguf_dtype_options,
     gguf_options,
+    repack_setting,
     resolve_gguf,
 )
 
@@ -206,6 +207,8 @@ class LlamaCppServerBackend(Backend):
                 "--threads-batch", str(threads), "--batch-size", str(opts["n_batch"]),
                 "--cache-type-k", str(opts.get("cache_type_k") or kv), "--cache-type-v",
                 str(opts.get("cache_type_v") or kv), "--metrics", "--no-webui"]
+        if not repack_setting(opts["repack"])[0]:
+            argv.append("--no-repack")
         for key, (flag, _, _) in PLACEMENT.items():
             if key not in ("cache_type_k", "cache_type_v") and opts.get(key) is not None:
                 argv += [flag, str(opts[key])]
@@ -238,7 +241,7 @@ class LlamaCppServerBackend(Backend):
             info = EngineInfo(
                 "llama.cpp server", f"llama-server {record.version}" if record else "llama-server (user binary)",
                 {"argv": argv, "log": str(server.log_path), "gguf": str(gguf),
-                 "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]],
+                 "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]], "repack": repack_setting(opts["repack"])[1],
                  "placement": {k: opts[k] for k in PLACEMENT if opts.get(k) is not None}},
                 package=record.package if record else None, package_version=record.version if record else None,
                 variant="cpu", executable=str(binary),
