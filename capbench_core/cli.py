@@ -92,6 +92,12 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
+def _print_fit(console: Any, table: Any, wrap: tuple[str, ...] = ()) -> None:
+    from capbench_core.report import print_fit
+
+    print_fit(console, table, wrap)
+
+
 def _resolve_model(pm: Any, name: str) -> Any:
     """A model directory or config file when the path exists, else a registered model (forgivingly)."""
     from capbench_core.backend import ModelRef
@@ -393,13 +399,13 @@ def plugins(as_json: bool) -> None:
     for p in listing:
         regs = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in p["registers"].items()) or "—"
         table.add_row(Text(p["name"]), Text(p["source"]), Text(regs))
-    console.print(table)
+    _print_fit(console, table, wrap=("registers",))
     table = Table(title="backends", title_justify="left")
     for col in ("backend", "plugin", "available here", "why not"):
         table.add_column(col)
     for name, b in backends.items():
         table.add_row(Text(name), Text(b["plugin"]), "yes" if b["available"] else "no", Text(b["reason"] or ""))
-    console.print(table)
+    _print_fit(console, table, wrap=("why not",))
 
 
 @cli.command()
@@ -628,7 +634,7 @@ def sweep_plan(path: Path, as_json: bool) -> None:
             r["cell"], s["backend"], s["model"], s["task"], load, f"{r['num_gpus']:g}", r["accelerator"] or "—",
             "—" if r["weights_gb_bf16"] is None else f"{r['weights_gb_bf16']:.3g}",
             "yes" if r["runs_here"] else f"no: {r['why_not']}")))
-    _console().print(table)
+    _print_fit(_console(), table)
 
 
 @sweep.command("run")
@@ -836,7 +842,7 @@ def engines_list(as_json: bool) -> None:
             r.name, r.package, r.version or "—", r.device,
             "yes" if r.installed else f"no (about {r.estimate_min:g} min: capbench engines install {r.name})",
             r.variant or "—", r.executable or "—")))
-    _console().print(table)
+    _print_fit(_console(), table)
 
 
 @engines.command("install")
@@ -958,7 +964,7 @@ def show_prices(accelerator: str | None, as_json: bool) -> None:
     for r in rows:
         table.add_row(Text(r.id), Text(r.accelerator), str(r.gpus), f"{r.usd_per_hour:g}",
                       f"{r.usd_per_hour / r.gpus:.2f}", r.pricing, r.as_of, Text(f"{r.source_kind}: {r.source}"))
-    _console().print(table)
+    _print_fit(_console(), table)
 
 
 def _peak(value: float | None, unit: str) -> str:

@@ -133,6 +133,43 @@ def cap_table(results: Sequence[RunResult], width: int | None = None) -> tuple[T
     return None, [h for h, _ in columns]
 
 
+def _renderable(cell: Any) -> Any:
+    return Text(cell) if isinstance(cell, str) else cell
+
+
+def print_fit(console: Console, table: Table, wrap: Sequence[str] = ()) -> None:
+    """Print ``table`` whole at the console's width (80 columns in a pipe): compact, every cell on one
+    line (only the columns named in ``wrap`` may fold); when even that is too wide, one block of
+    ``header value`` lines per row, headed by its first cell, so nothing is ever cut."""
+    from rich import box
+    from rich.measure import Measurement
+
+    table.box, table.show_edge, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, False, True
+    probe = Console(width=10_000)
+    for column in table.columns:
+        column.no_wrap = str(column.header) not in wrap
+        column.overflow = "fold"
+        if not column.no_wrap:  # measured at its narrowest: the longest word of any of its cells
+            column.max_width = max(Measurement.get(probe, probe.options, _renderable(c)).minimum
+                                   for c in (column.header, *column.cells))
+    fits = Measurement.get(probe, probe.options, table).maximum <= console.width
+    for column in table.columns:
+        column.max_width = None
+    if fits:
+        console.print(table)
+        return
+    if table.title:
+        console.print(Text(str(table.title)), overflow="fold")
+    headers = [str(c.header) for c in table.columns]
+    cells = [[str(cell) for cell in column.cells] for column in table.columns]
+    pad = max(len(h) for h in headers[1:]) if len(headers) > 1 else 0
+    for i in range(table.row_count):
+        console.print(Text(cells[0][i] or "—"), overflow="fold")
+        for header, column in zip(headers[1:], cells[1:]):
+            if column[i]:
+                console.print(Text(f"  {header:<{pad}} {column[i]}"), overflow="fold")
+
+
 def row_block(r: RunResult) -> list[str]:
     """One row as `key value` lines (like vLLM's benchmark summary): every field, nothing cut."""
     m = r.metrics
@@ -249,7 +286,7 @@ def model_table(spec: ModelSpec, context_len: int, dtype: str) -> Table:
 
 
 def print_model(console: Console, spec: ModelSpec, context_len: int, dtype: str) -> None:
-    console.print(model_table(spec, context_len, dtype))
+    print_fit(console, model_table(spec, context_len, dtype))
     s = spec.summary(context_len, dtype)
     window = (f"; sliding window {spec.sliding_window} tokens on {spec.sliding_layers} of {spec.num_layers} layers"
               if spec.sliding_window else "")
@@ -280,7 +317,7 @@ def print_convention(console: Console, results: Sequence[RunResult], convention:
         table.add_row(Text(r.backend), load_label(r),
                       *(_fmt(s[k], ".2f") for k in ("ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
                                                     "itl_ms_p99")))
-    console.print(table)
+    print_fit(console, table)
 
 
 def moe_cap_row(r: RunResult) -> dict[str, Any]:
@@ -321,7 +358,7 @@ def print_moe_cap(console: Console, results: Sequence[RunResult], as_json: bool)
     for row in rows:
         table.add_row(Text(row["backend"]), row["load"], _pct(row["s_mbu"]), _pct(row["moe_cap_s_mbu"]),
                       _pct(row["s_mfu"]), _pct(row["moe_cap_s_mfu"]), Text(row["note"]))
-    console.print(table)
+    print_fit(console, table, wrap=("how",))
 
 
 def print_sparsity(console: Console, study: dict[str, Any]) -> None:
@@ -350,7 +387,7 @@ def print_sparsity(console: Console, study: dict[str, Any]) -> None:
                       f"{v['tok_per_s']:.0f}{'' if v['bound'] == 'memory' else ' (compute)'}",
                       _fmt(v["usd_per_mtok"], ".3g")]
         table.add_row(*(Text(c) for c in cells))
-    console.print(table)
+    print_fit(console, table)
     notes = ["A est: expected distinct experts per layer under uniform routing, E(1-(1-k/E)^B); tok/s = B / "
              "max(bytes / bandwidth, FLOPs / peak): a roofline, not a measurement"]
     loss = study["loss"]
@@ -362,7 +399,7 @@ def print_sparsity(console: Console, study: dict[str, Any]) -> None:
     if study.get("joint"):
         print_joint(console, study["joint"], machine)
     if study["measured"]:
-        console.print(measured_table(study))
+        print_fit(console, measured_table(study))
 
 
 def print_joint(console: Console, joint: dict[str, Any], machine: dict[str, Any]) -> None:
@@ -380,7 +417,7 @@ def print_joint(console: Console, joint: dict[str, Any], machine: dict[str, Any]
             _count(m["active_params"]), f"{m['training_tokens']:.3g}", f"{m['weight_bytes'] / 1e9:.2f}",
             "yes" if m["fits_memory"] else "no", _fmt(m["tok_per_s"], ".0f"), _fmt(m["cost_usd_per_mtok"], ".3g"),
             ("* " if m["pareto"] else "") + ("extrapolated" if m["extrapolated"] else ""))))
-    console.print(table)
+    print_fit(console, table)
     sizes = "; ".join(f"N={f['total_params']:.0e}: S*={f['best_sparsity']:.3f}" for f in joint["fixed_size"])
     below = joint["dense_best_below_params"]
     unserved = [f"{m['name']} {m['serving_note']}" for m in joint["members"] if m.get("serving_note")]

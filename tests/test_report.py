@@ -113,3 +113,20 @@ def test_a_pipe_gets_no_engine_noise_and_few_blank_lines(tmp_path: Path) -> None
     text = proc.stdout + proc.stderr
     assert "llama_" not in text and "n_ctx" not in text and not ANSI.search(text)
     assert sum(1 for line in proc.stdout.splitlines() if not line.strip()) <= 2
+
+
+@pytest.mark.parametrize("width", [80, 120, 250])
+def test_every_listing_prints_whole_at_any_width(width: int) -> None:
+    """Listings (prices here; plugins, engines, models and studies print the same way) keep every cell
+    whole: a compact table when it fits, else one block of `header value` lines per row."""
+    out = run_cli("hardware", "prices", env={"COLUMNS": str(width)}, check=True).stdout
+    rows = json.loads(run_cli("hardware", "prices", "--json", check=True).stdout)
+    assert max(len(line) for line in out.splitlines()) <= width and "…" not in out
+    lines = out.splitlines()
+    for r in rows:
+        [head] = [li for li in lines if li.split() and li.split()[0] == r["id"]]
+        if width == 250:  # wide enough for the table: the row's cells on its line
+            assert r["accelerator"] in head and r["as_of"] in head
+        else:  # blocks: the row id heads its block, the date on a line of its own
+            assert head.strip() == r["id"]
+    assert sum(r["as_of"] in line for r in rows for line in lines) >= len(rows)
