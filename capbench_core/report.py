@@ -165,9 +165,9 @@ def print_fit(console: Console, table: Table, wrap: Sequence[str] = ()) -> None:
     pad = max(len(h) for h in headers[1:]) if len(headers) > 1 else 0
     for i in range(table.row_count):
         console.print(Text(cells[0][i] or "—"), overflow="fold")
-        for header, column in zip(headers[1:], cells[1:]):
-            if column[i]:
-                console.print(Text(f"  {header:<{pad}} {column[i]}"), overflow="fold")
+        for header, values in zip(headers[1:], cells[1:]):
+            if values[i]:
+                console.print(Text(f"  {header:<{pad}} {values[i]}"), overflow="fold")
 
 
 def row_block(r: RunResult) -> list[str]:
