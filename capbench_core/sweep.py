@@ -375,8 +375,12 @@ def run_ray(matrix: Matrix, cells: list[Cell], store: Any, address: str | None, 
                                   outcome.results, "ray")
                 progress(cell, outcome)
         except KeyboardInterrupt:
-            for ref in refs:
-                ray.cancel(ref, force=True)
+            # On someone else's cluster our tasks are cancelled there. A private instance is shut down with
+            # its workers instead: force-cancelling there races task replies still in flight, and Ray's core
+            # aborts the driver on one ("An unexpected system state has occurred", task_manager.cc).
+            if not started:
+                for ref in refs:
+                    ray.cancel(ref, force=True)
             raise
     finally:
         if started:
