@@ -170,7 +170,9 @@ def test_llama_server_batches_concurrent_requests(llama_server_rows: dict,  # ty
     _common_checks(llama_server_rows, "llamacpp_server")
     _verify(llama_server_rows, "llamacpp_server", tmp_path)
     one, four = llama_server_rows[("llamacpp_server", 1)], llama_server_rows[("llamacpp_server", 4)]
-    assert four["metrics"]["output_tok_per_s"] > 1.3 * one["metrics"]["output_tok_per_s"]  # continuous batching
+    # Continuous batching, read from the server's own counters (tokens per decode pass), not from timing:
+    # throughput on a shared 2-core machine says nothing reliable (benchmarks/ measures speed).
+    assert one["engine_metrics"]["decode_batch_mean"] == pytest.approx(1.0, abs=0.01)
     assert four["engine_metrics"]["decode_batch_mean"] > 1.2  # short answers: the slots rarely all decode at once
     argv = four["engine"]["launch_args"]["argv"]
     assert argv[0].endswith("/llama-server") and argv[argv.index("--parallel") + 1] == "4"
