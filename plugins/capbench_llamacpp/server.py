@@ -4,7 +4,9 @@
 (CPU, native ISA) from the llama.cpp source vendored in llama-cpp-python's
 sdist on PyPI — the same revision the in-process `llamacpp` backend runs — so
 nothing is downloaded but a PyPI package. The build stays in the engine
-environment for later runs.
+environment for later runs. llama.cpp's libraries are built shared and kept
+beside the tools with the sdist, so capbench's own llama-cpp-python can use
+them instead of compiling llama.cpp a second time (``scripts/setup.sh`` does).
 
 The run's concurrency becomes `--parallel` slots, each with the context the
 workload needs (at most the model's training context), threads as the other
@@ -54,6 +56,8 @@ from capbench_llamacpp.backend import (
 SOURCE_PACKAGE = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"   # its sdist vendors llama.cpp; keep equal to the in-process backend's version
 TOOLS = ("llama-server", "llama-bench")
+#: The shared libraries llama-cpp-python loads (llama_cpp/lib), built with the tools.
+LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "mtmd")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 # option -> (llama-server flag, help, check); check is a regex the value must match
@@ -89,8 +93,9 @@ class LlamaCppRecipe(Recipe):
         return [
             Step(f"fetch llama.cpp's source ({SOURCE_PACKAGE} {SOURCE_VERSION} sdist from PyPI)", 60, _fetch),
             Step("configure (CMake, native CPU ISA" + (", CUDA)" if device == "cuda" else ")"), 20, _configure),
-            Step(f"compile {' and '.join(TOOLS)} on {os.cpu_count()} cores", 480, _compile),
-            Step("keep the binaries, drop the build tree", 2, _keep_binaries),
+            Step(f"compile {' and '.join(TOOLS)} and llama.cpp's shared libraries on {os.cpu_count()} cores", 360,
+                 _compile),
+            Step("keep the binaries, libraries and sdist, drop the build tree", 2, _keep_binaries),
         ]
 
     def check(self, ctx: Context) -> tuple[str, str, str]:
@@ -116,7 +121,7 @@ def _fetch(ctx: Context) -> None:
     [sdist] = sorted(src.glob("*.tar.gz"))
     with tarfile.open(sdist) as tar:
         tar.extractall(src, filter="data")
-    sdist.unlink()
+    sdist.rename(ctx.home / sdist.name)
 
 
 def _source(ctx: Context) -> Path:
@@ -125,7 +130,10 @@ def _source(ctx: Context) -> Path:
 
 
 def _configure(ctx: Context) -> None:
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+    # Shared libraries with $ORIGIN run paths: the tools find them beside themselves once copied out of the
+    # build tree, and llama-cpp-python can load the same files.
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON",
+             "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", "-DLLAMA_CURL=OFF",
              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
              "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     if ctx.device == "cuda":
@@ -134,13 +142,17 @@ def _configure(ctx: Context) -> None:
 
 
 def _compile(ctx: Context) -> None:
-    ctx.run(["cmake", "--build", str(ctx.home / "build"), "--target", *TOOLS, "-j", str(os.cpu_count() or 2)])
+    ctx.run(["cmake", "--build", str(ctx.home / "build"), "--target", *TOOLS, *LIBRARIES, "-j",
+             str(os.cpu_count() or 2)])
 
 
 def _keep_binaries(ctx: Context) -> None:
-    (ctx.home / "bin").mkdir(exist_ok=True)
+    built, bin_dir = ctx.home / "build" / "bin", ctx.home / "bin"
+    bin_dir.mkdir(exist_ok=True)
     for tool in TOOLS:
-        shutil.copy2(ctx.home / "build" / "bin" / tool, ctx.home / "bin" / tool)
+        shutil.copy2(built / tool, bin_dir / tool)
+    for lib in sorted(built.glob("lib*.so*")):
+        shutil.copy2(lib, bin_dir / lib.name, follow_symlinks=False)
     shutil.rmtree(ctx.home / "build")
     shutil.rmtree(ctx.home / "src")
 
