@@ -6,6 +6,7 @@ All values are rendered as plain text (no rich markup is interpreted).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,11 +164,13 @@ def print_fit(console: Console, table: Table, wrap: Sequence[str] = ()) -> None:
     headers = [str(c.header) for c in table.columns]
     cells = [[str(cell) for cell in column.cells] for column in table.columns]
     pad = max(len(h) for h in headers[1:]) if len(headers) > 1 else 0
+    width = max(console.width - pad - 3, 20)
     for i in range(table.row_count):
         console.print(Text(cells[0][i] or "—"), overflow="fold")
         for header, values in zip(headers[1:], cells[1:]):
-            if values[i]:
-                console.print(Text(f"  {header:<{pad}} {values[i]}"), overflow="fold")
+            if values[i]:  # a long value wraps under itself, not under the header
+                lines = textwrap.wrap(values[i], width, break_on_hyphens=False) or [values[i]]
+                console.print(Text(f"  {header:<{pad}} " + f"\n{'':<{pad + 3}}".join(lines)), overflow="fold")
 
 
 def row_block(r: RunResult) -> list[str]:
