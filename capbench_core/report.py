@@ -173,6 +173,12 @@ def print_fit(console: Console, table: Table, wrap: Sequence[str] = ()) -> None:
                 console.print(Text(f"  {header:<{pad}} " + f"\n{'':<{pad + 3}}".join(lines)), overflow="fold")
 
 
+def print_note(console: Console, note: str) -> None:
+    """One note under a table, a `  • ` bullet whose continuation lines hang under its first word."""
+    lines = textwrap.wrap(note, max(console.width - 4, 20), break_on_hyphens=False) or [""]
+    console.print(Text("  • " + "\n    ".join(lines), style="dim"), overflow="fold")
+
+
 def row_block(r: RunResult) -> list[str]:
     """One row as `key value` lines (like vLLM's benchmark summary): every field, nothing cut."""
     m = r.metrics
@@ -256,7 +262,7 @@ def print_results(console: Console, results: Sequence[RunResult], fmt: str = "ta
         else:
             console.print(table)
         for line in under_table(rows, hidden):
-            console.print(Text(f"  • {line}", style="dim"), overflow="fold")
+            print_note(console, line)
 
 
 def results_json(results: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -355,13 +361,18 @@ def print_moe_cap(console: Console, results: Sequence[RunResult], as_json: bool)
         return
     table = Table(title=Text("S-MBU and S-MFU: capbench's definitions beside MoE-CAP's (docs/metrics.md lists every "
                              "difference)"), title_justify="left")
-    for col in ("backend", "load", "S-MBU", "S-MBU MoE-CAP", "S-MFU", "S-MFU MoE-CAP", "how"):
-        table.add_column(col, justify="left" if col in ("backend", "load", "how") else "right",
-                         no_wrap=col != "how")
+    notes = list(dict.fromkeys(row["note"] for row in rows))  # said once under the table, numbered when several
+    columns = ["backend", "load", "S-MBU", "S-MBU MoE-CAP", "S-MFU", "S-MFU MoE-CAP"]
+    columns += ["how"] if len(notes) > 1 else []
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("backend", "load", "how") else "right")
     for row in rows:
+        how = [f"[{notes.index(row['note']) + 1}]"] if len(notes) > 1 else []
         table.add_row(Text(row["backend"]), row["load"], _pct(row["s_mbu"]), _pct(row["moe_cap_s_mbu"]),
-                      _pct(row["s_mfu"]), _pct(row["moe_cap_s_mfu"]), Text(row["note"]))
-    print_fit(console, table, wrap=("how",))
+                      _pct(row["s_mfu"]), _pct(row["moe_cap_s_mfu"]), *how)
+    print_fit(console, table)
+    for i, note in enumerate(notes, 1):
+        print_note(console, f"{f'[{i}] ' if len(notes) > 1 else ''}how: {note}")
 
 
 def print_sparsity(console: Console, study: dict[str, Any]) -> None:
@@ -398,7 +409,7 @@ def print_sparsity(console: Console, study: dict[str, Any]) -> None:
                  f"{loss['compute_budget_flops']:.3g} training FLOPs for the member's own N and N_a; coefficients "
                  f"from {loss['source']}" if loss["source"] else loss["note"])
     for note in notes:
-        console.print(Text(f"  • {note}", style="dim"), overflow="fold")
+        print_note(console, note)
     if study.get("joint"):
         print_joint(console, study["joint"], machine)
     if study["measured"]:
@@ -429,7 +440,7 @@ def print_joint(console: Console, joint: dict[str, Any], machine: dict[str, Any]
                  f"{'no size on the grid' if below is None else f'{below:.3g} parameters'}",
                  f"N and N_a related by capbench's analytics on one layout ({joint['layout']}); another layout "
                  f"moves the optima"):
-        console.print(Text(f"  • {note}", style="dim"), overflow="fold")
+        print_note(console, note)
 
 
 def measured_table(study: dict[str, Any]) -> Table:
