@@ -165,18 +165,26 @@ def llama_server_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[st
     return _run(tmp_path_factory.mktemp("llama-server"), "llamacpp_server")
 
 
-def test_llama_server_batches_concurrent_requests(llama_server_rows: dict,  # type: ignore[type-arg]
-                                                  tmp_path: Path) -> None:
+def test_llama_server_serves_the_tiny_moe(llama_server_rows: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
     _common_checks(llama_server_rows, "llamacpp_server")
     _verify(llama_server_rows, "llamacpp_server", tmp_path)
-    one, four = llama_server_rows[("llamacpp_server", 1)], llama_server_rows[("llamacpp_server", 4)]
-    # Continuous batching, read from the server's own counters (tokens per decode pass), not from timing:
-    # throughput on a shared 2-core machine says nothing reliable (benchmarks/ measures speed).
-    assert one["engine_metrics"]["decode_batch_mean"] == pytest.approx(1.0, abs=0.01)
-    assert four["engine_metrics"]["decode_batch_mean"] > 1.2  # short answers: the slots rarely all decode at once
+    four = llama_server_rows[("llamacpp_server", 4)]
     argv = four["engine"]["launch_args"]["argv"]
     assert argv[0].endswith("/llama-server") and argv[argv.index("--parallel") + 1] == "4"
     assert "--metrics" in argv and four["metrics"]["server_tpot_ms_mean"] > 0
+
+
+def test_llama_server_batches_concurrent_requests(tmp_path: Path) -> None:
+    """Continuous batching, read from the server's own counters (busy slots per llama_decode call), not from
+    timing: tok/s on a shared 2-core machine says nothing reliable (benchmarks/ measures speed). The outputs
+    are 32 forced tokens, so four closed-loop streams keep the slots decoding together; the arithmetic task's
+    3-token answers left most decode calls with one busy slot."""
+    require_engine("llama.cpp")
+    rows = _run(tmp_path, "llamacpp_server", "--task", "random", "--task-option", "output_len=32")
+    one, four = (rows[("llamacpp_server", c)]["engine_metrics"]["decode_batch_mean"] for c in (1, 4))
+    print(f"llama-server busy slots per decode call: c=1 {one:.2f}, c=4 {four:.2f}")
+    assert one == pytest.approx(1.0, abs=0.01)
+    assert four > 2.0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
