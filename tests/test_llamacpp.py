@@ -117,6 +117,9 @@ def test_default_run_has_every_local_backend(tmp_path: Path, db_url: str) -> Non
         assert r["workload"]["sampling"] == rows["torch_moe"]["workload"]["sampling"]
     assert rows["llamacpp"]["metrics"]["expert_activation_source"] == "estimated"
     assert {r["model"]["dtype"] for r in rows.values()} == {"float32"}
+    # Both llama.cpp rows name their llama.cpp revision: setup builds them from one source.
+    server_commit = rows["llamacpp_server"]["engine"]["version"].split("commit ")[1].rstrip(")")
+    assert f"llama.cpp {server_commit}" in rows["llamacpp"]["engine"]["variant"], rows["llamacpp"]["engine"]
 
 
 def test_quantised_row_reports_its_own_accuracy(db_url: str) -> None:

@@ -55,6 +55,23 @@ BAN = -1e9
 GGUF_FOR_DTYPE = {"float32": "f32", "bfloat16": "bf16"}
 
 
+def ggml_commit(llama_cpp: Any) -> str:
+    """The llama.cpp revision llama-cpp-python's libraries were built from (ggml's own ``ggml_commit()``), so
+    the in-process row names the revision beside llama-server's; "revision unknown" where a build lacks it."""
+    import ctypes
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml.so"):
+        try:
+            fn = ctypes.CDLL(str(lib_dir / name)).ggml_commit
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_char_p
+        commit = fn()
+        return commit.decode() if commit else "revision unknown"
+    return "revision unknown"
+
+
 def gguf_dtype_options(dtype: str) -> dict[str, str] | None:
     """`--dtype` for llama.cpp: the GGUF export in that type."""
     return {"gguf_type": GGUF_FOR_DTYPE[dtype]} if dtype in GGUF_FOR_DTYPE else None
@@ -273,7 +290,7 @@ class LlamaCppBackend(Backend):
                                "log": str(log), "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]],
                                "repack": repack_why},
                               package="llama-cpp-python", package_version=llama_cpp.__version__,
-                              variant="in-process (the llama.cpp vendored in its sdist)")
+                              variant=f"in-process (llama.cpp {ggml_commit(llama_cpp)}, vendored in its sdist)")
             session = LlamaCppSession(llm, info)
             try:
                 yield session
