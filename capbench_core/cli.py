@@ -869,10 +869,13 @@ def engines_install(names: tuple[str, ...], device: str, force: bool) -> None:
         reporter = _progress_reporter(console)
         try:
             record = env.install(recipe, target, _install_progress(reporter, recipe.name), force=force)
-        except env.StepFailed as exc:
-            raise CapbenchError(f"{recipe.name} was not installed (nothing is left marked installed): {exc}") from None
-        finally:
-            reporter.end_phase()
+        except BaseException as exc:
+            reporter.end_phase(failed=True)
+            if isinstance(exc, env.StepFailed):
+                raise CapbenchError(f"{recipe.name} was not installed (nothing is left marked installed): {exc}") \
+                    from None
+            raise
+        reporter.end_phase()
         console.print(_text(f"{recipe.name}: installed {record.package} {record.version} ({record.variant}) in "
                             f"{_duration(record.install_s)}"))
 

@@ -23,8 +23,8 @@ class Reporter:
         """Start a phase of ``total`` items (None: open-ended); returns the function that ticks one item."""
         return lambda: None
 
-    def end_phase(self) -> None:
-        pass
+    def end_phase(self, failed: bool = False) -> None:
+        """End the current phase; ``failed`` when it ended by an error or an interrupt."""
 
     def note(self, text: str) -> None:
         pass
@@ -55,8 +55,10 @@ def waiting(label: str) -> Iterator[None]:
     reporter.phase(label)
     try:
         yield
-    finally:
-        reporter.end_phase()
+    except BaseException:
+        reporter.end_phase(failed=True)
+        raise
+    reporter.end_phase()
 
 
 PLAIN_EVERY_S = 10.0  # in a pipe, a long phase prints its count this often
@@ -106,14 +108,18 @@ class TerminalReporter(Reporter):
             self._last_line = now
             self._plain(f"{self._label}: {self._done}/{self._total}")
 
-    def end_phase(self) -> None:
+    def end_phase(self, failed: bool = False) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        elif self._label and not self.console.is_terminal and (self._done or self._total is None):
+        elif self._label and not self.console.is_terminal and (self._done or self._total is None or failed):
             took = time.monotonic() - self._started
-            self._plain(f"{self._label}: {self._done} done in {took:.1f} s" if self._total is not None
-                        else f"{self._label.split(' (')[0].rstrip('…')}: done in {took:.1f} s")
+            if self._total is not None:
+                self._plain(f"{self._label}: {self._done}/{self._total} done, stopped after {took:.1f} s" if failed
+                            else f"{self._label}: {self._done} done in {took:.1f} s")
+            else:
+                label = self._label.split(" (")[0].rstrip("…")
+                self._plain(f"{label}: failed after {took:.1f} s" if failed else f"{label}: done in {took:.1f} s")
         self._label, self._done = "", 0
 
     def note(self, text: str) -> None:

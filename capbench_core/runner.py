@@ -223,7 +223,7 @@ class Runner:
         try:
             asyncio.run(drive())
         except KeyboardInterrupt:
-            self.reporter.end_phase()
+            self.reporter.end_phase(failed=True)
             self._compute(result, warm_phase, main_phase, meter, session, spec, workload, plan, dtype, None)
             self._finish(result, "partial", "interrupted by the user (Ctrl-C or SIGTERM)")
             raise

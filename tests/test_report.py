@@ -130,3 +130,30 @@ def test_every_listing_prints_whole_at_any_width(width: int) -> None:
         else:  # blocks: the row id heads its block, the date on a line of its own
             assert head.strip() == r["id"]
     assert sum(r["as_of"] in line for r in rows for line in lines) >= len(rows)
+
+
+def test_progress_in_a_pipe_says_how_each_phase_ended() -> None:
+    """A phase ended by an error or an interrupt never reads as done: an engine that died while starting
+    says "failed after", an interrupted load level how far it got."""
+    import io
+
+    from rich.console import Console
+
+    from capbench_core import progress
+
+    out = io.StringIO()
+    reporter = progress.TerminalReporter(Console(file=out, force_terminal=False, width=120))
+    with progress.using(reporter):
+        with progress.waiting("vllm: starting the engine (log: /tmp/engine.log)"):
+            pass
+        with pytest.raises(RuntimeError), progress.waiting("sglang: starting the engine (log: /tmp/e.log)"):
+            raise RuntimeError("engine exited with code 2 during start-up")
+        tick = reporter.phase("torch_moe c=4", 10)
+        for _ in range(3):
+            tick()
+        reporter.end_phase(failed=True)
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("vllm: starting the engine: done in ")
+    assert lines[3].startswith("sglang: starting the engine: failed after ")
+    assert lines[5].startswith("torch_moe c=4: 3/10 done, stopped after ")
+    assert not ANSI.search(out.getvalue())
