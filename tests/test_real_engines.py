@@ -175,16 +175,21 @@ def test_llama_server_serves_the_tiny_moe(llama_server_rows: dict, tmp_path: Pat
 
 
 def test_llama_server_batches_concurrent_requests(tmp_path: Path) -> None:
-    """Continuous batching, read from the server's own counters (busy slots per llama_decode call), not from
-    timing: tok/s on a shared 2-core machine says nothing reliable (benchmarks/ measures speed). The outputs
-    are 32 forced tokens, so four closed-loop streams keep the slots decoding together; the arithmetic task's
-    3-token answers left most decode calls with one busy slot."""
+    """Continuous batching, read from the server's own counters, not from timing (tok/s on a shared 2-core
+    machine says nothing reliable; benchmarks/ measures speed). Without speculative decoding a llama_decode()
+    call yields one generated token per sequence in it, so more generated tokens than decode calls means calls
+    that decoded several sequences together; one stream gives exactly one per call. The outputs are 32 forced
+    tokens so that streams overlap: the tiny MoE decodes a step in ~0.3 ms, and request turnaround over HTTP
+    on 2 cores leaves slots idle for a varying share of the calls (1.6-3.9 tokens per call seen here at c=4)."""
     require_engine("llama.cpp")
     rows = _run(tmp_path, "llamacpp_server", "--task", "random", "--task-option", "output_len=32")
-    one, four = (rows[("llamacpp_server", c)]["engine_metrics"]["decode_batch_mean"] for c in (1, 4))
-    print(f"llama-server busy slots per decode call: c=1 {one:.2f}, c=4 {four:.2f}")
-    assert one == pytest.approx(1.0, abs=0.01)
-    assert four > 2.0
+    per_call = {}
+    for c in (1, 4):
+        em = rows[("llamacpp_server", c)]["engine_metrics"]
+        per_call[c] = em["generation_tokens"] / em["decode_calls"]
+    print(f"llama-server generated tokens per decode call: c=1 {per_call[1]:.2f}, c=4 {per_call[4]:.2f}")
+    assert per_call[1] == pytest.approx(1.0, abs=0.01)
+    assert per_call[4] > 1.2
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
