@@ -180,7 +180,7 @@ def test_llama_server_batches_concurrent_requests(tmp_path: Path) -> None:
     call yields one generated token per sequence in it, so more generated tokens than decode calls means calls
     that decoded several sequences together; one stream gives exactly one per call. The outputs are 32 forced
     tokens so that streams overlap: the tiny MoE decodes a step in ~0.3 ms, and request turnaround over HTTP
-    on 2 cores leaves slots idle for a varying share of the calls (1.6-3.9 tokens per call seen here at c=4)."""
+    on 2 cores leaves slots idle for a varying share of the calls (1.6-3.7 tokens per call seen here at c=4)."""
     require_engine("llama.cpp")
     rows = _run(tmp_path, "llamacpp_server", "--task", "random", "--task-option", "output_len=32")
     per_call = {}
