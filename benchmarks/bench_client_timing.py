@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from capbench_core.backend import EngineInfo, Request
-from capbench_core.loadgen import Arrivals, Phase, run_phase
-from capbench_core.metrics import request_timings
-from capbench_core.openai_client import OpenAISession
+from capbench_core.analytics.metrics import request_timings
+from capbench_core.contract.backend import EngineInfo, Request
+from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
+from capbench_core.serving.openai_client import OpenAISession
 from capbench_core.testing import Timing, reference_server
 from capbench_torch_moe.commands import tiny_model_dir
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from capbench_core.backend import Request, SamplingParams
+from capbench_core.contract.backend import Request, SamplingParams
 from capbench_torch_moe.commands import tiny_model_dir
 from capbench_torch_moe.engine import Engine, TorchMoESession
 from capbench_torch_moe.model import load_hf

@@ -293,7 +293,7 @@ def reference_server(timing: Timing, log_dir: Any = None) -> Iterator[str]:
     from pathlib import Path
     from tempfile import mkdtemp
 
-    from capbench_core.launcher import free_port, launch
+    from capbench_core.serving.launcher import free_port, launch
 
     port = free_port()
     log = Path(log_dir or mkdtemp(prefix="capbench-ref-")) / f"reference-{port}.log"

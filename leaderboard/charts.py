@@ -18,9 +18,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from capbench_core.metrics import pareto_front
-from capbench_core.report import load_label
-from capbench_core.results import Metrics, RunResult
+from capbench_core.analytics.grouping import run_load
+from capbench_core.analytics.metrics import pareto_front
+from capbench_core.contract.records import Metrics, RunResult
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 FLOOR = 20.0
@@ -108,7 +108,7 @@ def radar(runs: Sequence[RunResult], size: int = 260) -> Radar | None:
         cells = [(axis.label, "n/a" if axis.value(run.metrics) is None else format(axis.value(run.metrics), axis.fmt),
                   round(score, 1)) for axis, score in zip(AXES, scores)]
         points = " ".join(f"{x},{y}" for x, y in (at(s, a) for s, a in zip(scores, angles)))
-        systems.append(RadarSystem(name, load_label(run), PALETTE[i % len(PALETTE)], points, cells))
+        systems.append(RadarSystem(name, run_load(run), PALETTE[i % len(PALETTE)], points, cells))
     return Radar(size, c, radius, axes, rings, systems)
 
 
@@ -154,7 +154,7 @@ def _ticks(high: float, count: int = 5) -> list[float]:
 def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int = 340) -> Scatter | None:
     """One point per load level (x: TPOT p50 ms, y: output tok/s), a line per system, Pareto front marked."""
     plotted = [r for r in runs if r.metrics.tpot_ms_p50 is not None and r.metrics.output_tok_per_s is not None]
-    skipped = [f"{r.backend} {load_label(r)}" for r in runs if r not in plotted]
+    skipped = [f"{r.backend} {run_load(r)}" for r in runs if r not in plotted]
     if not plotted:
         return None
     left, top, right, bottom = 64.0, 16.0, width - 16.0, height - 44.0
@@ -175,7 +175,7 @@ def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int 
         rs = sorted((r for r in plotted if r.backend == name),
                     key=lambda r: (r.workload.rate_rps or 0, r.workload.concurrency))
         pts = [Point(sx(r.metrics.tpot_ms_p50 or 0), sy(r.metrics.output_tok_per_s or 0), r.metrics.tpot_ms_p50 or 0,
-                     r.metrics.output_tok_per_s or 0, load_label(r), flags[r.run_id]) for r in rs]
+                     r.metrics.output_tok_per_s or 0, run_load(r), flags[r.run_id]) for r in rs]
         path = " ".join(f"{p.x},{p.y}" for p in pts)
         series.append(Series(name, PALETTE[i % len(PALETTE)], pts, path))
     front = sorted((p for s in series for p in s.points if p.pareto), key=lambda p: p.x)

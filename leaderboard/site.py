@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core import __version__
+from capbench_core.analytics.grouping import group_runs, run_load
+from capbench_core.contract.records import RunResult
 from capbench_core.errors import CapbenchError
-from capbench_core.report import group_runs, load_label
-from capbench_core.results import RunResult
 from capbench_leaderboard import charts
 
 HERE = Path(__file__).resolve().parent
@@ -93,7 +93,7 @@ def _env() -> Any:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     env.filters["pct"] = lambda v: "—" if v is None else f"{v * 100:.1f} %"
-    env.globals["load_label"] = load_label
+    env.globals["load_label"] = run_load
     return env
 
 

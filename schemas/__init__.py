@@ -1,6 +1,6 @@
 """capbench_schemas: JSON Schemas generated from capbench_core.results (do not edit by hand).
 
-Regenerate with ``python -m capbench_core.results``.
+Regenerate with ``python -m capbench_core.publish.schemas``.
 """
 
 from pathlib import Path

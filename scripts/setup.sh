@@ -37,7 +37,7 @@ if [ "${CAPBENCH_SKIP_ENGINES:-0}" != "1" ]; then
     exit 1
   fi
   cat .venv/llama.cpp-install.out
-  engine=$(.venv/bin/python -c "from capbench_core.engines import home; print(home('llama.cpp'))")
+  engine=$(.venv/bin/python -c "from capbench_core.serving.environments import home; print(home('llama.cpp'))")
   sdist=$(ls "$engine"/llama_cpp_python-*.tar.gz 2>/dev/null | head -n 1 || true)
   if ! have llama_cpp && [ -n "$sdist" ] && ls "$engine"/bin/libllama.so* > /dev/null 2>&1; then
     echo "capbench setup: installing llama-cpp-python on the llama.cpp engine's libraries"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from capbench_core.plugins import PluginManager
+from capbench_core.contract.registry import PluginManager
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every process this test session starts inherits this mark, so the session can tell its own engine
@@ -66,6 +66,15 @@ def install_plugin(site: Path, module: str, dist: str, version: str, source: str
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[capbench]\n{module.removeprefix('capbench_')} = {module}\n")
     return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def default_sigint() -> None:
+    """For a child that a test signals: SIGINT back to its default. A shell without job control (a CI runner,
+    nohup, a script in the background) starts children with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so Ctrl-C from the test would be lost. Use as ``preexec_fn``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,

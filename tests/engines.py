@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from capbench_core import engines
-from tests.conftest import CAPBENCH, SESSION_VAR, missing
+from capbench_core.contract import engine_env
+from tests.conftest import CAPBENCH, SESSION_VAR, default_sigint, missing
 
 # What an engine process looks like in /proc/PID/cmdline: its launch command, or the titles its workers set.
 ENGINE_MARKS = (b"vllm.entrypoints", b"VLLM::", b"sglang.launch_server", b"sglang::", b"llama-server",
@@ -26,7 +26,7 @@ def engine_pids() -> dict[int, str]:
     """Engine processes started by this test session: marked by their command line (or run from an engine
     environment) and carrying the session's CAPBENCH_TEST_SESSION in their environment, so an engine or an
     install running beside the tests is never taken for one of ours."""
-    home = str(engines.engines_dir()).encode()
+    home = str(engine_env.engines_dir()).encode()
     mark = f"{SESSION_VAR}={os.environ[SESSION_VAR]}".encode()
     found = {}
     for proc in Path("/proc").iterdir():
@@ -56,7 +56,7 @@ def wait_gone(before: dict[int, str], timeout_s: float = 60) -> dict[int, str]:
 
 def require_engine(name: str) -> None:
     """Skip here, fail under CI (where README command 2 installs every engine environment)."""
-    if engines.installed(name) is None:
+    if engine_env.installed(name) is None:
         missing(f"the {name} engine environment is not installed: run `capbench engines install {name}`")
 
 
@@ -65,7 +65,7 @@ class Background:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([CAPBENCH, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "COLUMNS": "200", **(env or {})})
+                                     env={**os.environ, "COLUMNS": "200", **(env or {})}, preexec_fn=default_sigint)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

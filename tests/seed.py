@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from capbench_core.hardware import fingerprint
-from capbench_core.results import (
+from capbench_core.analytics.datasheets import fingerprint
+from capbench_core.contract.records import (
     Device,
-    EngineRecord,
+    EngineInfo,
     HardwareSpec,
     Metrics,
     ModelRecord,
@@ -53,7 +53,7 @@ def result(hw: str, backend: str, concurrency: int, *, model: ModelRecord = MODE
         run_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{hw}/{backend}/{concurrency}/{model.name}/{task}")),
         started_at=datetime(2026, 11, 1, tzinfo=timezone.utc) + timedelta(minutes=concurrency),
         status="complete", capbench_version="0.1.0", backend=backend,
-        engine=EngineRecord(name=backend, version=engine_version),
+        engine=EngineInfo(name=backend, version=engine_version),
         model=model, hardware=HARDWARE[hw] if hw in HARDWARE else hardware(hw),
         workload=WorkloadRecord(task=task, hash="w1", num_requests=64, warmup_requests=8, concurrency=concurrency,
                                 sampling={"temperature": 0.0}),

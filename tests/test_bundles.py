@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core import bundle
+from capbench_core.publish import bundle
 from capbench_core.store import Store
 from tests.conftest import CAPBENCH, run_cli
 from tests.seed import result
@@ -36,7 +36,7 @@ def _set(*keys: str | int, value: object):  # type: ignore[no-untyped-def]
 
 def _rehash(edit):  # type: ignore[no-untyped-def]
     """Apply an edit and fix the content hash, so that the check under test is not the hash check."""
-    from capbench_core.results import RunResult
+    from capbench_core.contract.records import RunResult
 
     def both(doc: dict) -> None:  # type: ignore[type-arg]
         edit(doc)
@@ -214,8 +214,8 @@ def _halve_steps(doc: dict) -> None:  # type: ignore[type-arg]
 
 def _on_an_h100(doc: dict) -> None:  # type: ignore[type-arg]
     """Claim the run was on an H100 whose datasheet bandwidth is ten times what the datasheet says."""
-    from capbench_core.hardware import fingerprint
-    from capbench_core.results import Device
+    from capbench_core.analytics.datasheets import fingerprint
+    from capbench_core.contract.records import Device
 
     hw = _run(doc)["hardware"]
     hw["devices"].append({"kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA H100 80GB HBM3", "count": 1,

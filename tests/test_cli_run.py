@@ -91,7 +91,7 @@ def test_model_without_weights_names_the_file(tmp_path: Path, db_url: str) -> No
 BROKEN = '''
     from contextlib import contextmanager
     from capbench_core import hookimpl
-    from capbench_core.backend import Availability, Backend
+    from capbench_core.contract.backend import Availability, Backend
 
     class Broken(Backend):
         name = "broken"

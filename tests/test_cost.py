@@ -7,10 +7,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from capbench_core import cost
+from capbench_core.analytics import cost
+from capbench_core.analytics.datasheets import datasheet
+from capbench_core.contract.records import Device, HardwareSpec, Metrics
 from capbench_core.errors import CapbenchError
-from capbench_core.hardware import build_spec, datasheet
-from capbench_core.results import Device, HardwareSpec, Metrics
+from capbench_core.measure.hardware import build_spec
 
 CPU = Device(kind="cpu", vendor="x", model="cpu", count=1, memory_bytes=2**30)
 

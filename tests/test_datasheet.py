@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from capbench_core.hardware import accelerator_peaks, build_spec, datasheet, match_accelerator
-from capbench_core.results import Device
+from capbench_core.analytics.datasheets import accelerator_peaks, datasheet, match_accelerator
+from capbench_core.contract.records import Device
+from capbench_core.measure.hardware import build_spec
 
 
 def test_every_row_has_a_source_and_sane_numbers() -> None:

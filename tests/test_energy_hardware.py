@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capbench_core.energy import RaplMeter
-from capbench_core.hardware import fingerprint
-from capbench_core.results import Device
+from capbench_core.analytics.datasheets import fingerprint
+from capbench_core.contract.records import Device
+from capbench_core.measure.energy import RaplMeter
 from tests.conftest import run_cli
 
 

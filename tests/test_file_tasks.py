@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core.backend import ModelRef
+from capbench_core.contract.backend import ModelRef
 from capbench_core.errors import CapbenchError
 from capbench_core.testing import Timing, reference_server
 from capbench_tasks.files import GSM8KTask, MMLUTask, flexible_extract, gsm8k_target, letter_choice, strict_match

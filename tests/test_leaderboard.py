@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from capbench_core.metrics import pareto_front
+from capbench_core.analytics.metrics import pareto_front
 from capbench_core.store import Store
 from capbench_leaderboard import charts, site
-from tests.conftest import CAPBENCH, missing, run_cli
+from tests.conftest import CAPBENCH, default_sigint, missing, run_cli
 from tests.seed import HARDWARE, MODEL, result, seeded
 
 HOSTILE = ['<script>alert("x")</script>', "\"'><img src=x onerror=alert(1)>", "x" * 300,
@@ -119,7 +119,7 @@ def served_site(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
     out = tmp_path / "site"
     run_cli("leaderboard", "build", "--db", db_url, "--out", str(out), check=True)
     proc = subprocess.Popen([CAPBENCH, "leaderboard", "serve", "--dir", str(out), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     assert proc.stderr is not None
     line = proc.stderr.readline()
     url = re.search(r"http://127\.0\.0\.1:\d+/", line)

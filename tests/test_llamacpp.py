@@ -142,9 +142,9 @@ def test_max_tokens_holds_when_the_model_emits_partial_utf8(tmp_path: Path) -> N
     import asyncio
     from dataclasses import replace
 
-    from capbench_core.backend import ModelRef, SamplingParams
-    from capbench_core.plugins import PluginManager
-    from capbench_core.runner import detect_hardware
+    from capbench_core.contract.backend import ModelRef, SamplingParams
+    from capbench_core.contract.registry import PluginManager
+    from capbench_core.measure.hardware import detect_hardware
     from capbench_torch_moe.random_init import make_checkpoint
 
     pm = PluginManager().collect()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core import metrics
-from capbench_core.backend import DecodeStep
-from capbench_core.model_spec import spec_from_path
-from capbench_core.results import Metrics, RequestRecord
+from capbench_core.analytics import metrics
+from capbench_core.analytics.model_spec import spec_from_path
+from capbench_core.contract.backend import DecodeStep
+from capbench_core.contract.records import Metrics, RequestRecord
 
 MS = 1_000_000
 CONFIGS = Path(__file__).parent / "data" / "model_configs"
@@ -142,7 +142,7 @@ def test_energy_per_token() -> None:
 
 
 def test_conventions_recompute_from_raw_timestamps() -> None:
-    from capbench_core.conventions import recompute
+    from capbench_core.analytics.conventions import recompute
     from tests.test_store_schema import make_result
 
     result = make_result()
@@ -162,7 +162,7 @@ def test_conventions_recompute_from_raw_timestamps() -> None:
 def test_nvml_meter_without_nvml_gives_a_reason() -> None:
     import importlib.util
 
-    from capbench_core.energy import NvmlMeter
+    from capbench_core.measure.energy import NvmlMeter
 
     meter = NvmlMeter()
     meter.start()

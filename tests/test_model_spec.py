@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from capbench_core.analytics.model_spec import spec_from_config, spec_from_path
 from capbench_core.errors import CapbenchError
-from capbench_core.model_spec import spec_from_config, spec_from_path
 from tests.conftest import run_cli
 
 CONFIGS = Path(__file__).parent / "data" / "model_configs"

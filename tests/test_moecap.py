@@ -1,4 +1,4 @@
-"""MoE-CAP's S-MBU/S-MFU convention (capbench_core/moecap.py) pinned on hand-computed cases, and shown
+"""MoE-CAP's S-MBU/S-MFU convention (capbench_core/analytics/moecap.py) pinned on hand-computed cases, and shown
 beside capbench's own for stored runs."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from capbench_core import moecap
-from capbench_core.backend import DecodeStep
-from capbench_core.results import Device, HardwareSpec, Peak
+from capbench_core.analytics import moecap
+from capbench_core.contract.backend import DecodeStep
+from capbench_core.contract.records import Device, HardwareSpec, Peak
 from tests.conftest import run_cli
 
 # A Mixtral-layout toy small enough to count by hand: MoE-CAP's "default" formula.

@@ -30,8 +30,8 @@ def _run(tmp_path: Path, backends: str, *extra: str) -> dict[tuple[str, int], di
 
 def _verify(rows: dict[tuple[str, int], dict[str, Any]], backend: str, tmp_path: Path) -> None:
     """A genuine bundle of the engine's runs re-derives: `capbench verify` accepts it."""
-    from capbench_core import bundle
-    from capbench_core.results import RunResult
+    from capbench_core.contract.records import RunResult
+    from capbench_core.publish import bundle
 
     path = tmp_path / f"{backend}.json"
     bundle.write([RunResult.model_validate(r) for (b, _), r in rows.items() if b == backend], path)

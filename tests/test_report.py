@@ -67,7 +67,7 @@ def test_run_json_format_keeps_stdout_to_the_rows(tmp_path: Path) -> None:
 MARKUP = '''
     from contextlib import contextmanager
     from capbench_core import hookimpl
-    from capbench_core.backend import Availability, Backend
+    from capbench_core.contract.backend import Availability, Backend
 
     class Marked(Backend):
         name = "marked"
@@ -139,7 +139,7 @@ def test_progress_in_a_pipe_says_how_each_phase_ended() -> None:
 
     from rich.console import Console
 
-    from capbench_core import progress
+    from capbench_core.measure import progress
 
     out = io.StringIO()
     reporter = progress.TerminalReporter(Console(file=out, force_terminal=False, width=120))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from capbench_core.backend import EngineInfo, Request
+from capbench_core.analytics.metrics import latency_and_throughput, request_timings
+from capbench_core.contract.backend import EngineInfo, Request
 from capbench_core.errors import CapbenchError
-from capbench_core.launcher import free_port, launch
-from capbench_core.loadgen import Arrivals, Phase, run_phase
-from capbench_core.metrics import latency_and_throughput, request_timings
-from capbench_core.openai_client import OpenAISession, check_endpoint
+from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
+from capbench_core.serving.launcher import free_port, launch
+from capbench_core.serving.openai_client import OpenAISession, check_endpoint
 from capbench_core.testing import Timing, reference_server
 from tests.conftest import run_cli
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from capbench_core import losslaw, sparsity
-from capbench_core.losslaw import LossFit
+from capbench_core.analytics import losslaw, sparsity
+from capbench_core.analytics.losslaw import LossFit
 from tests.conftest import run_cli
 
 

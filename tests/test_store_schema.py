@@ -10,8 +10,7 @@ import jsonschema
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from capbench_core.errors import CapbenchError
-from capbench_core.results import (
+from capbench_core.contract.records import (
     SCHEMA_VERSION,
     HardwareSpec,
     Metrics,
@@ -19,8 +18,9 @@ from capbench_core.results import (
     Peak,
     RunResult,
     WorkloadRecord,
-    schema_texts,
 )
+from capbench_core.errors import CapbenchError
+from capbench_core.publish.schemas import schema_texts
 from capbench_core.store import Store
 from capbench_schemas import SCHEMA_DIR
 
@@ -41,7 +41,7 @@ def make_result(run_id: str = "00000000-0000-0000-0000-000000000001", **metrics:
 def test_committed_schemas_match_the_models() -> None:
     for name, expected in schema_texts().items():
         committed = (SCHEMA_DIR / name).read_text()
-        assert committed == expected, f"schemas/{name} is stale: run python -m capbench_core.results"
+        assert committed == expected, f"schemas/{name} is stale: run python -m capbench_core.publish.schemas"
 
 
 def test_a_result_validates_against_the_committed_schema() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from capbench_core.errors import CapbenchError
 from capbench_core.store import Store
-from tests.conftest import CAPBENCH, missing, run_cli
+from tests.conftest import CAPBENCH, default_sigint, missing, run_cli
 
 MATRIX = """name: cpu-smoke
 fixed:
@@ -42,7 +42,7 @@ def _interrupt_after_a_finished_cell(path: Path, db_url: str, extra: list[str]) 
     """Start a sweep, send Ctrl-C once a cell is stored as complete; check the exit code and return the
     hashes of the cells that finished."""
     sweep = subprocess.Popen([CAPBENCH, "sweep", "run", str(path), *extra, "--db", db_url],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and sweep.poll() is None:
         try:

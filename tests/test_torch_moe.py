@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capbench_core.backend import Request
+from capbench_core.contract.backend import Request
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.engine import Channel, Engine, TorchMoESession
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer, load_hf

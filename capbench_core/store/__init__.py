@@ -20,8 +20,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from capbench_core import __version__
+from capbench_core.contract.records import RunResult
 from capbench_core.errors import CapbenchError
-from capbench_core.results import RunResult
 from capbench_core.store.models import RunRow, StudyRow, SubmitterRow, SweepCellRow
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from capbench_core.results import Device
+from capbench_core.contract.records import Device
 
 ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "sve")
 

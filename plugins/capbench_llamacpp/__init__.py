@@ -7,7 +7,7 @@ llama_cpp is imported only when a backend starts.
 from __future__ import annotations
 
 from capbench_core import hookimpl
-from capbench_core.plugins import BackendRegistry, EngineRegistry
+from capbench_core.contract.registry import BackendRegistry, EngineRegistry
 from capbench_llamacpp.backend import LlamaCppBackend
 from capbench_llamacpp.server import LlamaCppRecipe, LlamaCppServerBackend
 

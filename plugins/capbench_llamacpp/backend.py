@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import (
+from pydantic import field_validator
+
+from capbench_core.contract.backend import (
     UNKNOWN_SHAPE,
     Availability,
     Backend,
@@ -30,23 +32,13 @@ from capbench_core.backend import (
     Request,
     Session,
     TokenChunk,
-    check_options,
     drain,
 )
+from capbench_core.contract.options import BackendOptions, option
+from capbench_core.contract.records import HardwareSpec
 from capbench_core.errors import CapbenchError
-from capbench_core.results import HardwareSpec
 from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf, llama_log_to
 
-OPTIONS = {
-    "gguf_type": "f32 | bf16 | q8_0 | q4_k_m (default f32)",
-    "gguf": "path of a GGUF file to serve instead of exporting the model",
-    "threads": "llama.cpp threads (default: all cores)",
-    "n_ctx": "context size (default: the model's training context, at most 512)",
-    "n_batch": "prompt batch size (default 512)",
-    "kv_type": "f32 | f16 KV cache (default f32, so logits match the F32 reference)",
-    "repack": "auto | on | off: llama.cpp's weight repacking into CPU-specific layouts (default auto: off on "
-              "CPUs with AMX, where llama.cpp's AMX kernels crash on quantized GGUFs, ggml-org/llama.cpp#20824)",
-}
 AMX_CRASH = ("off: llama.cpp's AMX matrix kernels crash on this AMX CPU with quantized weights "
              "(ggml-org/llama.cpp#20824); repack=on turns it back on")
 GGML_TYPES = {"f32": 0, "f16": 1}
@@ -72,26 +64,72 @@ def ggml_commit(llama_cpp: Any) -> str:
     return "revision unknown"
 
 
+#: llama.cpp's ``general.file_type`` (enum llama_ftype) -> the dtype capbench counts bytes in.
+FILE_TYPES = {0: "float32", 1: "float16", 7: "q8_0", 14: "q4_k", 15: "q4_k", 32: "bfloat16"}
+
+
+def gguf_file_dtype(path: Path) -> str | None:
+    """The weight dtype a GGUF file declares (``general.file_type``), None when unreadable or not one capbench
+    knows the bytes of."""
+    import gguf as gguf_lib
+
+    try:
+        field = gguf_lib.GGUFReader(str(path)).fields["general.file_type"]
+        return FILE_TYPES.get(int(field.contents()))
+    except (KeyError, ValueError, OSError):
+        return None
+
+
+def gguf_weight_dtype(opts: Mapping[str, Any]) -> str | None:
+    """The weight dtype the served GGUF holds: a user's own ``gguf=`` file says it in its metadata; an export
+    is of ``gguf_type``."""
+    if opts.get("gguf"):
+        return gguf_file_dtype(Path(str(opts["gguf"])))
+    return WEIGHT_DTYPE[opts["gguf_type"]]
+
+
 def gguf_dtype_options(dtype: str) -> dict[str, str] | None:
     """`--dtype` for llama.cpp: the GGUF export in that type."""
     return {"gguf_type": GGUF_FOR_DTYPE[dtype]} if dtype in GGUF_FOR_DTYPE else None
 
 
-def gguf_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The GGUF/llama.cpp options with defaults, checked."""
-    check_options("llama.cpp", options, OPTIONS)
-    opts = {"gguf_type": "f32", "gguf": None, "threads": None, "n_ctx": None, "n_batch": 512, "kv_type": "f32",
-            "repack": "auto", **{k: v for k, v in options.items() if v is not None}}
-    if opts["repack"] not in ("auto", "on", "off"):
-        raise CapbenchError(f"repack={opts['repack']!r}: use auto, on or off")
-    if opts["gguf_type"] not in GGUF_TYPES:
-        raise CapbenchError(f"unsupported GGUF type {opts['gguf_type']!r}; supported: {', '.join(GGUF_TYPES)}")
-    if opts["kv_type"] not in GGML_TYPES:
-        raise CapbenchError(f"kv_type={opts['kv_type']!r}: use f32 or f16")
-    for key in ("threads", "n_ctx", "n_batch"):
-        if opts[key] is not None:
-            opts[key] = int(opts[key])
-    return opts
+class LlamaCppOptions(BackendOptions):
+    """The GGUF and llama.cpp options both llama.cpp backends take."""
+
+    gguf_type: str = option("f32 | bf16 | q8_0 | q4_k_m: the GGUF the checkpoint is exported to", "f32")
+    gguf: str | None = option("path of a GGUF file to serve instead of exporting the model")
+    threads: int | None = option("llama.cpp threads (default: all cores)", ge=1)
+    n_ctx: int | None = option("context size (default: the model's training context, at most 512)", ge=1)
+    n_batch: int = option("prompt batch size", 512, ge=1)
+    kv_type: str = option("f32 | f16 KV cache (f32 by default, so logits match the F32 reference)", "f32")
+    repack: str = option("auto | on | off: llama.cpp's weight repacking into CPU-specific layouts (auto: off on "
+                         "CPUs with AMX, where llama.cpp's AMX kernels crash on quantized GGUFs, "
+                         "ggml-org/llama.cpp#20824)", "auto")
+
+    @field_validator("gguf_type")
+    @classmethod
+    def _gguf_type(cls, value: str) -> str:
+        if value not in GGUF_TYPES:
+            raise ValueError(f"unsupported GGUF type {value!r}; supported: {', '.join(GGUF_TYPES)}")
+        return value
+
+    @field_validator("kv_type")
+    @classmethod
+    def _kv_type(cls, value: str) -> str:
+        if value not in GGML_TYPES:
+            raise ValueError("use f32 or f16")
+        return value
+
+    @field_validator("repack")
+    @classmethod
+    def _repack(cls, value: str) -> str:
+        if value not in ("auto", "on", "off"):
+            raise ValueError("use auto, on or off")
+        return value
+
+
+#: Option names -> help, for code that lists them.
+OPTIONS = {name: info.description or "" for name, info in LlamaCppOptions.model_fields.items()}
 
 
 def cpu_has_amx() -> bool:
@@ -257,7 +295,8 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     device = "cpu"
     description = "llama.cpp in-process (llama-cpp-python), one request at a time"
-    options = OPTIONS
+    Options = LlamaCppOptions
+    serial_decode = True
 
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return gguf_dtype_options(dtype)
@@ -270,9 +309,9 @@ class LlamaCppBackend(Backend):
               shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
         import llama_cpp
 
-        from capbench_core.launcher import run_log_dir
+        from capbench_core.serving.launcher import run_log_dir
 
-        opts = gguf_options(options)
+        opts = self.validate_options(options)
         gguf = resolve_gguf(model, opts)
         kv = GGML_TYPES[opts["kv_type"]]
         n_ctx = opts["n_ctx"] or min(512, gguf_context_length(gguf) or 512)
@@ -287,10 +326,10 @@ class LlamaCppBackend(Backend):
                 raise CapbenchError(f"llama.cpp could not load {gguf}: {exc} (its log: {log})") from None
             info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
                               {**opts, "n_ctx": n_ctx, "gguf": str(gguf), "threads": llm.context_params.n_threads,
-                               "log": str(log), "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]],
-                               "repack": repack_why},
+                               "log": str(log), "repack": repack_why},
                               package="llama-cpp-python", package_version=llama_cpp.__version__,
-                              variant=f"in-process (llama.cpp {ggml_commit(llama_cpp)}, vendored in its sdist)")
+                              variant=f"in-process (llama.cpp {ggml_commit(llama_cpp)}, vendored in its sdist)",
+                              weight_dtype=gguf_weight_dtype(opts))
             session = LlamaCppSession(llm, info)
             try:
                 yield session

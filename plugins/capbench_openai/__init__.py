@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import (
+from capbench_core.contract.backend import (
     UNKNOWN_SHAPE,
     Availability,
     Backend,
@@ -21,19 +21,25 @@ from capbench_core.backend import (
     LoadShape,
     ModelRef,
     Session,
-    check_options,
 )
+from capbench_core.contract.options import option
+from capbench_core.contract.records import HardwareSpec
+from capbench_core.contract.registry import BackendRegistry
 from capbench_core.errors import CapbenchError
-from capbench_core.plugins import BackendRegistry
-from capbench_core.results import HardwareSpec
+from capbench_core.serving.server_backend import EndpointOptions
+
+
+class OpenAIOptions(EndpointOptions):
+    api_key: str | None = option("bearer token, if the server needs one")
+    dtype: str | None = option("the weight dtype the server holds (bfloat16, q8_0, ...), for S-MBU/S-MFU; unknown "
+                               "(and they null) when not given")
 
 
 class OpenAIBackend(Backend):
     name = "openai"
     description = "any running OpenAI-compatible server (attach with --endpoint)"
     needs_endpoint = True
-    options = {"endpoint": "base URL of the server (required)", "served_model": "model name the server expects",
-               "api_key": "bearer token, if the server needs one"}
+    Options = OpenAIOptions
 
     def available(self) -> Availability:
         return Availability.yes()
@@ -41,9 +47,9 @@ class OpenAIBackend(Backend):
     @contextmanager
     def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
               shape: LoadShape = UNKNOWN_SHAPE) -> Iterator[Session]:
-        from capbench_core.openai_client import OpenAISession, check_endpoint, tokenizer_counter
+        from capbench_core.serving.openai_client import OpenAISession, check_endpoint, tokenizer_counter
 
-        check_options(self.name, options, self.options)
+        options = self.validate_options(options)
         endpoint = options.get("endpoint")
         if not endpoint:
             raise CapbenchError("the openai backend needs --endpoint URL (a running OpenAI-compatible server)")
@@ -51,7 +57,8 @@ class OpenAIBackend(Backend):
         name = str(options.get("served_model") or (served[0] if served else model.name))
         if served and name not in served:
             raise CapbenchError(f"{endpoint} does not serve '{name}'; it serves: {', '.join(served)}")
-        info = EngineInfo("openai-compatible", "attached", {"endpoint": endpoint, "served_model": name})
+        info = EngineInfo("openai-compatible", "attached", {"endpoint": endpoint, "served_model": name},
+                          weight_dtype=options.get("dtype"))
         yield OpenAISession(str(endpoint), name, info, tokenizer_counter(model.path), options.get("api_key"))
 
 

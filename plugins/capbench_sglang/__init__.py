@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import LoadShape, ModelRef
-from capbench_core.engine_metrics import EngineProbe, ExpertRecorder
-from capbench_core.engines import TORCH_CPU_PIN, Context, Device, Recipe, Resolved, Step, venv_steps
-from capbench_core.plugins import BackendRegistry, EngineRegistry
-from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
+from capbench_core.contract.backend import LoadShape, ModelRef
+from capbench_core.contract.engine_env import TORCH_CPU_PIN, Context, EngineDevice, Recipe, Step, venv_steps
+from capbench_core.contract.options import flag, option
+from capbench_core.contract.registry import BackendRegistry, EngineRegistry
+from capbench_core.serving.environments import Resolved
+from capbench_core.serving.scrape import EngineProbe, ExpertRecorder, MetricTable
+from capbench_core.serving.server_backend import ServerBackend, ServerOptions, checkpoint_dtype, get_json, model_max_len
 
 VERSION = "0.5.23"
 SHIM = Path(__file__).resolve().parent / "cpu_shim"
@@ -52,6 +54,20 @@ CPU_REQUIREMENTS = (
 # SGLang's model configs import torchvision (for vision models); PyPI's build is CUDA-only, so it goes in
 # without dependencies and the shim's start-up patch lets it import beside the CPU torch.
 NO_DEPS = ("torchvision==0.28.0",)
+#: SGLang's own metric names (docs/engines.md gives the sources).
+METRICS = MetricTable(
+    engine="sglang",
+    counters={"prompt_tokens": ("sglang:prompt_tokens_total",),
+              "generation_tokens": ("sglang:generation_tokens_total",),
+              "preemptions": ("sglang:num_retracted_requests_total",),
+              "requests_finished": ("sglang:num_requests_total",)},
+    gauges={"requests_running": ("sglang:num_running_reqs",), "requests_waiting": ("sglang:num_queue_reqs",),
+            "kv_cache_usage": ("sglang:token_usage",)},
+    histograms={"server_ttft_ms_mean": ("sglang:time_to_first_token_seconds",),
+                "server_tpot_ms_mean": ("sglang:inter_token_latency_seconds",
+                                        "sglang:time_per_output_token_seconds"),
+                "server_e2e_ms_mean": ("sglang:e2e_request_latency_seconds",)},
+)
 TORCH_NATIVE = "torch-native kernels (no sgl-kernel CPU ops; capbench stand-in for its helpers)"
 
 
@@ -59,9 +75,9 @@ class SGLangRecipe(Recipe):
     name = "sglang"
     description = "SGLang's server"
     override_env = "CAPBENCH_SGLANG_PYTHON"
-    packages: dict[Device, str] = {"cpu": f"sglang=={VERSION}", "cuda": f"sglang=={VERSION}"}
+    packages: dict[EngineDevice, str] = {"cpu": f"sglang=={VERSION}", "cuda": f"sglang=={VERSION}"}
 
-    def steps(self, device: Device) -> list[Step]:
+    def steps(self, device: EngineDevice) -> list[Step]:
         package = self.packages[device]
         if device == "cuda":
             return [*venv_steps(device), Step(f"install {package}", 600, lambda c: c.pip("install", package))]
@@ -104,32 +120,36 @@ def cpu_env(device: str) -> dict[str, str]:
     return {"SGLANG_USE_CPU_ENGINE": "1", "CAPBENCH_SGLANG_CPU_SHIM": "1"} if device == "cpu" else {}
 
 
+class SGLangOptions(ServerOptions):
+    """SGLang's own flags (docs/engines.md gives the sources); anything else goes through ``extra_args``."""
+
+    dtype: str | None = flag("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)")
+    context_length: int | None = flag("--context-length", "context length (default: the model's)", ge=1)
+    max_running_requests: int | None = flag("--max-running-requests", "max requests decoded together (default: "
+                                            "the run's highest concurrency)", ge=1)
+    max_total_tokens: int | None = flag("--max-total-tokens", "KV pool size in tokens (default: running requests "
+                                        "x context, doubled)", ge=1)
+    mem_fraction_static: float | None = flag("--mem-fraction-static", "share of GPU memory for weights and KV "
+                                             "cache", gt=0, le=1)
+    tp: int | None = flag("--tp-size", "tensor parallel size", ge=1)
+    pp: int | None = flag("--pp-size", "pipeline parallel size", ge=1)
+    dp: int | None = flag("--dp-size", "data parallel size", ge=1)
+    ep: int | None = flag("--ep-size", "expert parallel size", ge=1)
+    quantization: str | None = flag("--quantization", "quantisation method (fp8, awq, gptq, ...)")
+    seed: int = flag("--random-seed", "engine seed", 0)
+    recorder: str = flag("--expert-distribution-recorder-mode", "expert recorder mode (per_token: decode passes "
+                         "told apart; stat; '' to disable)", "per_token")
+    recorder_dir: str | None = option("attach only: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR")
+
+
 class SGLangBackend(ServerBackend):
     name = "sglang"
     description = "SGLang's server, launched from its engine environment (CPU or CUDA) or attached"
     module = "sglang"
     distributions = ("sglang",)
     recipe = SGLangRecipe()
-    flavor = "sglang"
-    flags = {
-        "dtype": ("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)"),
-        "context_length": ("--context-length", "context length (default: the model's)"),
-        "max_running_requests": ("--max-running-requests",
-                                 "max requests decoded together (default: the run's highest concurrency)"),
-        "max_total_tokens": ("--max-total-tokens",
-                             "KV pool size in tokens (default: running requests x context, doubled)"),
-        "mem_fraction_static": ("--mem-fraction-static", "share of GPU memory for weights and KV cache"),
-        "tp": ("--tp-size", "tensor parallel size"),
-        "pp": ("--pp-size", "pipeline parallel size"),
-        "dp": ("--dp-size", "data parallel size"),
-        "ep": ("--ep-size", "expert parallel size"),
-        "quantization": ("--quantization", "quantisation method (fp8, awq, gptq, ...)"),
-        "seed": ("--random-seed", "engine seed (default 0)"),
-        "recorder": ("--expert-distribution-recorder-mode",
-                     "expert recorder mode (default per_token: decode passes told apart; stat; '' to disable)"),
-        "recorder_dir": ("", "attach only: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"),
-    }
-    defaults = {"seed": 0, "recorder": "per_token"}
+    metrics = METRICS
+    Options = SGLangOptions
 
     def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
         head = [python, "-m", "sglang.launch_server", "--model-path", str(model.path), "--host",
@@ -138,8 +158,7 @@ class SGLangBackend(ServerBackend):
         if opts.get("device") == "cpu":
             # CPU: no CUDA graphs, and the scheduler runs without overlap (no second stream to overlap with)
             head += ["--device", "cpu", "--disable-cuda-graph", "--disable-overlap-schedule"]
-        rest = {k: v for k, v in opts.items() if k not in ("recorder_dir", "device")}
-        return head + self.flag_argv(rest)
+        return head + self.flag_argv(opts)
 
     def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
                  found: Resolved) -> dict[str, Any]:
@@ -161,7 +180,7 @@ class SGLangBackend(ServerBackend):
         directory = run_dir / "experts" if run_dir else (Path(opts["recorder_dir"]) if opts.get("recorder_dir")
                                                          else None)
         recorder = ExpertRecorder(base_url, directory) if directory and opts.get("recorder") else None
-        return EngineProbe(base_url, self.flavor, recorder)
+        return EngineProbe(base_url, self.metrics, recorder)
 
     def variant(self, found: Resolved, log: Path) -> str:
         """The installed variant, confirmed by SGLang's own start-up line where it says which backend it took."""
@@ -169,6 +188,12 @@ class SGLangBackend(ServerBackend):
         if found.device == "cpu" and "using torch native backend" in text:
             return TORCH_NATIVE if found.variant in ("cpu", TORCH_NATIVE) else f"{found.variant}; torch native backend"
         return found.variant
+
+    def reported_dtype(self, base_url: str) -> str | None:
+        """An attached SGLang says its --dtype in its server info (``auto``: not said)."""
+        doc = get_json(base_url + "/server_info") or get_json(base_url + "/get_server_info")
+        dtype = doc.get("dtype") if doc else None
+        return str(dtype) if dtype and dtype != "auto" else None
 
     def version(self, base_url: str) -> str:
         doc = get_json(base_url + "/server_info") or get_json(base_url + "/get_server_info")

@@ -5,7 +5,7 @@ file-based accuracy tasks `gsm8k` and `mmlu` (`--task gsm8k --data FILE`), and
 from __future__ import annotations
 
 from capbench_core import hookimpl
-from capbench_core.plugins import TaskRegistry
+from capbench_core.contract.registry import TaskRegistry
 
 
 @hookimpl

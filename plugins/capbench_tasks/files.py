@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import ModelRef, Request, SamplingParams
+from capbench_core.contract.backend import ModelRef, Request, SamplingParams
+from capbench_core.contract.task import Scored, Task, Workload
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Scored, Task, Workload
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")

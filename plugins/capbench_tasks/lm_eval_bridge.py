@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capbench_core.backend import ModelRef
+from capbench_core.contract.backend import ModelRef
+from capbench_core.contract.task import Task, Workload
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Task, Workload
 from capbench_tasks.tasks import RandomTask
 
 OWN_OPTIONS = ("include_path", "limit", "num_fewshot", "timeout_s")

@@ -6,9 +6,9 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from capbench_core.backend import ModelRef, Request, SamplingParams
+from capbench_core.contract.backend import ModelRef, Request, SamplingParams
+from capbench_core.contract.task import Scored, Task, Workload
 from capbench_core.errors import CapbenchError
-from capbench_core.workload import Scored, Task, Workload
 from capbench_tasks import arith
 
 

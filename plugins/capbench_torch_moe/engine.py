@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from capbench_core.backend import DecodeStep, ExpertActivation, Request, Session, TokenChunk, drain
+from capbench_core.contract.backend import DecodeStep, ExpertActivation, Request, Session, TokenChunk, drain
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 

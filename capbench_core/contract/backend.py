@@ -1,0 +1,324 @@
+"""The contract between the runner and a serving backend.
+
+A backend plugin subclasses :class:`Backend`; ``start`` yields a
+:class:`Session` (also a subclass) that streams tokens for one request at a time (many requests
+may stream concurrently) and, where the engine allows, reports the experts it
+really activated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from capbench_core.contract.options import BackendOptions, options_from_help
+from capbench_core.contract.options import validate as validate_options
+from capbench_core.contract.records import EngineInfo, HardwareSpec, RequestRecord
+from capbench_core.contract.window import ExpertCounts, WindowReport
+from capbench_core.errors import CapbenchError
+
+__all__ = ["UNKNOWN_SHAPE", "Availability", "Backend", "BackendOptions", "DecodeSource", "DecodeStep", "DecodeWindow",
+           "EngineInfo", "ExpertActivation", "LoadShape", "ModelRef", "ModelShape", "OPTIONAL_CAPABILITIES",
+           "Request", "SamplingParams", "Session", "TokenChunk", "Usage", "check_options", "drain"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; ``reason`` is one sentence when it cannot."""
+
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(True, "")
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a backend can load: a Hugging Face directory (config.json + weights)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    default_task: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Identical for every backend in one comparison, and stored with the result."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request. ``ignore_eos`` forces exactly ``max_tokens`` tokens."""
+
+    id: str
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False
+    prompt_token_ids: tuple[int, ...] | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """What the run will ask of an engine it starts, so a server can size its batch and KV cache.
+
+    ``max_concurrency`` is the most requests in flight at any load level of the run;
+    ``max_context_tokens`` bounds prompt + output tokens of any request (UTF-8 bytes of
+    the prompt + max_tokens: no tokenizer makes more tokens than bytes), None when unknown.
+    """
+
+    max_concurrency: int = 1
+    max_context_tokens: int | None = None
+
+    def context_for(self, model_max: int | None) -> int | None:
+        """Context to size per sequence: the run's bound, never beyond the model's own limit."""
+        bounds = [b for b in (self.max_context_tokens, model_max) if b]
+        return min(bounds) if bounds else None
+
+
+UNKNOWN_SHAPE = LoadShape()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a whole request: from the engine, or counted with the model's tokenizer."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    source: Literal["engine", "tokenizer"]
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One streamed piece of output carrying ``num_tokens`` new tokens.
+
+    A stream may end with a chunk that carries ``usage`` (and no text): its
+    counts replace the per-chunk sums. In-process engines set ``emitted_ns``
+    (``time.perf_counter_ns()`` when the engine produced the chunk): with no
+    network between engine and client, that is the client's clock, free of
+    the delay the GIL adds before the event loop sees the chunk.
+    """
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    server_request_id: str | None = None
+    emitted_ns: int | None = None
+
+
+@dataclass
+class DecodeStep:
+    """One engine decode step as the engine itself timed it."""
+
+    batch_size: int
+    step_ns: int
+    context_tokens: int
+    distinct_experts: list[float]
+    started_ns: int = 0
+
+
+@dataclass
+class ExpertActivation:
+    """Distinct activated experts per layer per decode step (the A in S-MBU).
+
+    ``source`` says where the numbers came from: ``measured`` (router
+    instrumentation or an engine recorder) or ``estimated`` (uniform routing).
+    """
+
+    source: Literal["measured", "estimated"]
+    method: str
+    steps: list[DecodeStep] = field(default_factory=list)
+
+
+class ModelShape(Protocol):
+    """What a decode-step source needs to know of the served model (``analytics.model_spec.ModelSpec`` is one)."""
+
+    num_experts: int
+    top_k: int
+    moe_layers: int
+
+    @property
+    def is_moe(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DecodeWindow:
+    """The measured window as a session sees it after the fact: its requests' raw records, its bounds on the
+    client's clock (perf_counter_ns), the engine's own report of it, and the served model's routing shape."""
+
+    records: Sequence[RequestRecord]
+    start_ns: int
+    end_ns: int
+    report: WindowReport | None
+    model: ModelShape
+
+
+@dataclass(frozen=True)
+class DecodeSource:
+    """The decode steps S-MBU/S-MFU are computed from, and where they came from."""
+
+    steps: list[DecodeStep]
+    source: Literal["measured", "estimated"]
+    method: str
+
+
+def check_options(backend: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """One error for every backend: the options it was given but does not take, and those it does.
+    (Backends with a typed ``Options`` class get this from its validation.)"""
+    names = list(known)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise CapbenchError(f"{backend} does not know option(s) {', '.join(unknown)}; known: {', '.join(names)}")
+
+
+async def drain(inbox: asyncio.Queue[TokenChunk | BaseException | None]) -> AsyncIterator[TokenChunk]:
+    """Yield the chunks an engine thread puts into ``inbox`` until None; re-raise its exceptions.
+
+    The bridge every in-process engine uses between its own thread and the client's event loop.
+    """
+    while True:
+        item = await inbox.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class Session:
+    """Base class of every session: one loaded or launched engine, streaming requests.
+
+    Subclasses must set ``engine`` and implement ``stream`` and ``count_tokens``.
+    Every other member is an optional capability with a default that means "this
+    engine does not offer it"; override the ones your engine has. docs/plugins.md
+    lists them all (a test keeps that list and this class in step).
+    """
+
+    engine: EngineInfo
+    #: The engine decodes one request at a time (the runner derives batch-1 decode steps).
+    serial_decode: bool = False
+    #: An OpenAI-compatible endpoint serving the model, and the model's name there (lm-eval scores it).
+    base_url: str | None = None
+    served_model: str | None = None
+
+    def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
+        """Stream the completion of ``request``; the runner timestamps every chunk."""
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` under the served model's tokenizer."""
+        raise NotImplementedError
+
+    def expert_activation(self, since_ns: int = 0) -> ExpertActivation | None:
+        """Decode steps started at or after ``since_ns`` (perf_counter_ns), or None when the engine cannot say."""
+        return None
+
+    def decode_steps(self, window: DecodeWindow) -> DecodeSource | None:
+        """The decode steps of the measured window as this engine knows them, or None to let capbench derive
+        them from the client's view (and a recorder's measured A, if the window report has one).
+
+        The default returns what ``expert_activation`` measured inside the window. An engine whose stream
+        reaches the client in bursts overrides it to time steps with its own counters (llama-server, vLLM).
+        """
+        activation = self.expert_activation(window.start_ns)
+        if activation is None:
+            return None
+        steps = [s for s in activation.steps if s.started_ns <= window.end_ns]
+        return DecodeSource(steps, activation.source, activation.method)
+
+    def begin_window(self) -> None:
+        """Called (on a worker thread) just before the measured requests: e.g. scrape the engine's metrics."""
+
+    def end_window(self) -> WindowReport | None:
+        """Called just after them: the engine's own view of the window, or None."""
+        return None
+
+    async def expert_pass(self, requests: Sequence[Request], concurrency: int) -> ExpertCounts | None:
+        """After the window, when the window gave no measured A: send the same requests again (not timed)
+        and return the distinct experts per layer the engine reports routing them to, or None."""
+        return None
+
+
+class Backend:
+    """Base class of every serving backend.
+
+    Subclasses set ``name`` and implement ``available`` and ``start``. The other
+    members are optional capabilities with defaults; docs/plugins.md lists them.
+    """
+
+    name: str = ""
+    description: str = ""
+    #: Whose peaks S-MBU/S-MFU divide by: the host CPU's ("cpu") or the accelerator's.
+    device: Literal["cpu", "accelerator"] = "accelerator"
+    #: The options it takes, typed: a subclass of :class:`~capbench_core.contract.options.BackendOptions`
+    #: with one field per option (type, default, help). Anything else is an error naming these.
+    Options: type[BackendOptions] = BackendOptions
+    #: Older, untyped form (name -> one-line help), still read when ``Options`` is not overridden.
+    options: Mapping[str, str] = {}
+    #: The engine decodes one request at a time (a study gives it batch 1 only; its sessions say the same).
+    serial_decode: bool = False
+    #: The backend only attaches to a running server (never chosen by default, needs --endpoint).
+    needs_endpoint: bool = False
+    #: Name of the engine environment it launches from (`capbench engines install NAME`), if any.
+    engine_env: str | None = None
+
+    def available(self) -> Availability:
+        """Cheap check: imports and devices, never a model load."""
+        raise NotImplementedError
+
+    def available_for(self, options: Mapping[str, Any]) -> Availability:
+        """Availability for these options (attaching to an endpoint may need nothing installed here)."""
+        return self.available()
+
+    def option_model(self) -> type[BackendOptions]:
+        """The typed options: ``Options``, or one built from the older ``options`` help dict."""
+        if self.Options is BackendOptions and self.options:
+            return options_from_help(self.options)
+        return self.Options
+
+    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` checked and converted by the backend's Options, defaults filled in; one error naming
+        every bad option. capbench calls it before any engine starts; ``start`` may call it again."""
+        return validate_options(self.name, self.option_model(), options)
+
+    def dtype_options(self, dtype: str) -> dict[str, str] | None:
+        """The options that make this backend hold its weights in ``dtype`` (``float32``, ``bfloat16``),
+        or None when it cannot (``capbench run --dtype`` then leaves it at its default and says so)."""
+        return None
+
+    def start(self, model: ModelRef, hardware: HardwareSpec, options: Mapping[str, Any],
+              shape: LoadShape = UNKNOWN_SHAPE) -> AbstractContextManager[Session]:
+        """Load or launch the engine for a run of ``shape``; the context manager tears it down."""
+        raise NotImplementedError
+
+
+#: Optional capabilities by base class, as documented in docs/plugins.md.
+OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "Backend": ("description", "device", "Options", "options", "serial_decode", "needs_endpoint", "engine_env",
+                "available_for", "dtype_options"),
+    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "decode_steps", "begin_window",
+                "end_window", "expert_pass"),
+    "Task": ("scores_externally", "variant", "evaluate"),
+}

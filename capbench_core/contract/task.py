@@ -1,0 +1,75 @@
+"""Workloads (request sets) and tasks (a workload plus an optional scorer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from capbench_core.contract.backend import ModelRef, Request
+from capbench_core.errors import CapbenchError
+
+
+@dataclass(frozen=True)
+class Scored:
+    """How a task scores: the primary metric and its judge (text, expected) -> correct, plus
+    any further metrics reported beside it (GSM8K's flexible extract next to its strict match)."""
+
+    metric: str
+    judge: Callable[[str, str], bool]
+    extra: dict[str, Callable[[str, str], bool]] = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    """Requests in order, with the expected answer of each when the task is scored."""
+
+    task: str
+    requests: list[Request]
+    expected: dict[str, str] = field(default_factory=dict)
+    scoring: Scored | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def hash(self) -> str:
+        """sha256 over prompts, lengths and sampling: equal hashes mean the same workload."""
+        items = [{"prompt": r.prompt, "max_tokens": r.max_tokens, "ignore_eos": r.ignore_eos,
+                  "sampling": asdict(r.sampling)} for r in self.requests]
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+    def score(self, request_id: str, text: str) -> dict[str, bool] | None:
+        """Every metric's verdict for one output, the primary metric first."""
+        if self.scoring is None or request_id not in self.expected:
+            return None
+        expected = self.expected[request_id]
+        verdicts = {self.scoring.metric: self.scoring.judge(text, expected)}
+        verdicts.update((name, judge(text, expected)) for name, judge in self.scoring.extra.items())
+        return verdicts
+
+
+class Task:
+    """Base class of every task: a workload builder, optionally with an outside scorer.
+
+    Subclasses set ``name`` and ``description`` and implement ``build``. The
+    other members are optional capabilities (docs/plugins.md lists them).
+    """
+
+    name: str = ""
+    description: str = ""
+    #: Scored by an outside harness against the served endpoint (``evaluate``), not per request.
+    scores_externally: bool = False
+
+    def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
+        """Make ``num_requests`` requests; options come from ``--task-option k=v``."""
+        raise NotImplementedError
+
+    def variant(self, name: str) -> Task:
+        """The task ``family:name`` (``lm-eval:gsm8k``) for a task family; plain tasks have none."""
+        raise CapbenchError(f"task '{self.name}' has no variants, so '{self.name}:{name}' does not exist")
+
+    def evaluate(self, base_url: str, served_model: str, model: ModelRef,
+                 options: Mapping[str, Any]) -> tuple[dict[str, float], int]:
+        """With ``scores_externally``: score the server at ``base_url``; (metric -> score, samples scored)."""
+        raise NotImplementedError
+

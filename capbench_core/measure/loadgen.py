@@ -1,0 +1,160 @@
+"""Closed-loop load generator: N concurrent workers stream requests from a queue.
+
+Every chunk is timestamped on arrival with ``time.perf_counter_ns``. Records are
+appended to a caller-owned list as requests end, so an interrupted run keeps
+everything it measured; requests still in flight are recorded as ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from capbench_core.contract.backend import Request, Session, Usage
+from capbench_core.contract.records import RequestRecord
+
+
+@dataclass
+class Phase:
+    """What one phase (warm-up or measured) produced."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    start_ns: int = 0
+    end_ns: int = 0
+
+    @property
+    def window_ns(self) -> int:
+        return max(0, self.end_ns - self.start_ns)
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    return type(exc).__name__
+
+
+async def _one(session: Session, req: Request, rec: RequestRecord, origin_ns: int,
+               judge: Callable[[str, str], dict[str, bool] | None]) -> None:
+    """Stream one request into ``rec`` (which the caller keeps even if this is cancelled)."""
+    sent = time.perf_counter_ns()
+    rec.sent_ns = sent - origin_ns
+    text: list[str] = []
+    usage = None
+    try:
+        async for chunk in session.stream(req):
+            now = chunk.emitted_ns or time.perf_counter_ns()
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.num_tokens or chunk.text or chunk.finish_reason:
+                # A token-free chunk that ends the generation (a server's EOS chunk) keeps its time: E2E.
+                rec.chunk_offsets_ns.append(now - sent)
+                rec.chunk_tokens.append(chunk.num_tokens)
+                text.append(chunk.text)
+            rec.finish_reason = chunk.finish_reason or rec.finish_reason
+            rec.server_request_id = chunk.server_request_id or rec.server_request_id
+    except BaseException as exc:  # failures are data; cancellation is recorded, then re-raised
+        rec.error_kind, rec.error = _error_kind(exc), str(exc) or type(exc).__name__
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+            raise
+    finally:
+        rec.output_text = "".join(text)
+        _count_tokens(rec, req, session, usage)
+        if rec.error_kind is None:
+            rec.scores = judge(req.id, rec.output_text) or {}
+            rec.correct = next(iter(rec.scores.values())) if rec.scores else None
+
+
+def _count_tokens(rec: RequestRecord, req: Request, session: Session, usage: Usage | None) -> None:
+    """Token counts: the engine's usage block when given, else per-chunk sums (engine-side)."""
+    rec.output_tokens = sum(rec.chunk_tokens)
+    rec.token_count_source = "engine"
+    prompt = usage.prompt_tokens if usage else None
+    if usage is not None and usage.completion_tokens is not None:
+        rec.output_tokens, rec.token_count_source = usage.completion_tokens, usage.source
+    elif usage is not None:
+        rec.token_count_source = "chunks"
+    if prompt is None:
+        prompt = len(req.prompt_token_ids) if req.prompt_token_ids else session.count_tokens(req.prompt)
+    rec.prompt_tokens = prompt
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """How requests arrive: ``concurrency`` workers back to back (closed loop), or a seeded
+    Poisson process of ``rate_rps`` (open loop; ``concurrency`` then caps requests in flight).
+    ``duration_s`` stops issuing new requests after that many seconds."""
+
+    concurrency: int
+    rate_rps: float | None = None
+    duration_s: float | None = None
+    seed: int = 0
+
+
+async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
+                    phase: Phase, warmup: bool, judge: Callable[[str, str], dict[str, bool] | None],
+                    on_done: Callable[[RequestRecord], None] | None = None) -> None:
+    """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end."""
+    phase.start_ns = time.perf_counter_ns()
+    deadline = phase.start_ns + int(arrivals.duration_s * 1e9) if arrivals.duration_s else None
+
+    async def one(req: Request, scheduled_ns: int | None = None) -> None:
+        rec = RequestRecord(id=req.id, warmup=warmup, sent_ns=time.perf_counter_ns() - origin_ns,
+                            max_tokens=req.max_tokens,
+                            scheduled_ns=None if scheduled_ns is None else scheduled_ns - origin_ns)
+        try:
+            await _one(session, req, rec, origin_ns, judge)
+        finally:
+            phase.records.append(rec)
+            phase.end_ns = time.perf_counter_ns()
+            if on_done:
+                on_done(rec)
+
+    def open_for_new() -> bool:
+        return deadline is None or time.perf_counter_ns() < deadline
+
+    if arrivals.rate_rps:
+        await _poisson(requests, arrivals, one, open_for_new)
+        return
+    pending = list(reversed(requests))
+
+    async def worker() -> None:
+        while pending and open_for_new():
+            await one(pending.pop())
+
+    await asyncio.gather(*(worker() for _ in range(min(arrivals.concurrency, len(requests)) or 1)))
+
+
+async def _poisson(requests: Sequence[Request], arrivals: Arrivals,
+                   one: Callable[[Request, int | None], Awaitable[None]], open_for_new: Callable[[], bool]) -> None:
+    """Send request i at t0 + sum of i exponential gaps (mean 1/rate), at most `concurrency` in flight; each
+    record keeps the time it was due (the seed makes the schedule repeatable)."""
+    assert arrivals.rate_rps
+    rng = random.Random(arrivals.seed)
+    limit = asyncio.Semaphore(max(1, arrivals.concurrency))
+    t0 = time.perf_counter_ns()
+    due = 0.0
+    tasks = []
+
+    async def gated(req: Request, scheduled_ns: int) -> None:
+        async with limit:
+            await one(req, scheduled_ns)
+
+    try:
+        for req in requests:
+            scheduled = t0 + round(due * 1e9)
+            delay = (scheduled - time.perf_counter_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not open_for_new():
+                break
+            tasks.append(asyncio.create_task(gated(req, scheduled)))
+            due += rng.expovariate(arrivals.rate_rps)
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,2 @@
+"""Showing results: terminal tables and plots. Rendering never computes a figure.
+"""

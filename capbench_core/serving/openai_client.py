@@ -1,0 +1,199 @@
+"""The streaming client every server backend shares: OpenAI `/v1/completions`.
+
+Requests are sent with ``stream: true`` and ``stream_options.include_usage``.
+Each SSE chunk becomes a TokenChunk (timestamped by the load generator on
+arrival). When the server sends a usage block, its token counts are used
+(``source='engine'``); when it does not (llama.cpp's server), the output is
+counted with the model's tokenizer (``source='tokenizer'``). HTTP errors, a
+stream that ends without ``[DONE]`` and malformed chunks raise typed errors
+that the load generator records per request, by kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from capbench_core.contract.backend import EngineInfo, Request, Session, TokenChunk, Usage
+from capbench_core.contract.window import WindowReport
+from capbench_core.errors import CapbenchError
+from capbench_core.serving.http import ConnectionClosed, StreamingClient
+from capbench_core.serving.scrape import EngineProbe
+
+
+class StreamError(Exception):
+    """A request failed on the wire; the class name is the error kind."""
+
+
+class HTTPError(StreamError):
+    pass
+
+
+class IncompleteStream(StreamError):
+    pass
+
+
+class MalformedChunk(StreamError):
+    pass
+
+
+def tokenizer_counter(model_dir: Path) -> Callable[[str], int] | None:
+    """Token counter from the model's tokenizer.json, or None when it has none."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return lambda text: len(tok.encode(text).ids)
+
+
+def check_endpoint(base_url: str, timeout_s: float = 5.0) -> list[str]:
+    """GET /v1/models before a run: the served model ids, or one clear error."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        resp = httpx.get(url, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise CapbenchError(f"cannot reach {url}: {exc.__class__.__name__} ({exc}). Is the server running, "
+                            f"and is --endpoint right?") from None
+    if resp.status_code != 200:
+        raise CapbenchError(f"{url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    try:
+        return [m["id"] for m in resp.json().get("data", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CapbenchError(f"{url} did not return an OpenAI model list") from None
+
+
+def attach(options: Mapping[str, Any], default_name: str) -> tuple[str, str]:
+    """For ``endpoint=URL``: the server's base URL and the model name to ask it for (``served_model``, else
+    the one it serves, else ``default_name``), after one reachability check."""
+    url = str(options["endpoint"]).rstrip("/")
+    served = check_endpoint(url)
+    return url, str(options.get("served_model") or (served[0] if served else default_name))
+
+
+class OpenAISession(Session):
+    """A Session over an OpenAI-compatible server.
+
+    ``body_hook(request, body)`` lets a backend add its engine's own sampling
+    fields (llama.cpp's ``repeat_penalty``); ``serial_decode`` tells the runner
+    the engine decodes one request at a time; ``probe`` reads the engine's own
+    metrics (and, for SGLang, its expert recorder) around the measured window.
+    """
+
+    def __init__(self, base_url: str, model: str, engine: EngineInfo,
+                 count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,
+                 timeout_s: float = 600.0, body_hook: Callable[[Request, dict[str, Any]], None] | None = None,
+                 probe: EngineProbe | None = None, serial_decode: bool = False):
+        self.base_url: str | None = base_url.rstrip("/")
+        self.served_model: str | None = model
+        self._url = self.base_url
+        self.engine = engine
+        self._count = count_tokens
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout_s = timeout_s
+        self._hook = body_hook
+        self.serial_decode = serial_decode
+        self._probe = probe
+        self._clients: dict[int, StreamingClient] = {}
+
+    def _client(self) -> StreamingClient:
+        """One connection pool per event loop (each load level runs in its own loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(id(loop))
+        if client is None:
+            client = StreamingClient(self._url, self._headers, self._timeout_s)
+            self._clients = {id(loop): client}
+        return client
+
+    def body(self, req: Request) -> dict[str, Any]:
+        s = req.sampling
+        body: dict[str, Any] = {
+            "model": self.served_model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": s.temperature, "top_p": s.top_p,
+            "seed": s.seed, "repetition_penalty": s.repetition_penalty,
+        }
+        if req.ignore_eos:
+            body["ignore_eos"] = True
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if self._hook is not None:
+            self._hook(req, body)
+        return body
+
+    async def stream(self, req: Request) -> AsyncIterator[TokenChunk]:
+        text: list[str] = []
+        usage: dict[str, Any] | None = None
+        done = False
+        buffer = b""
+        error = b""
+        status = 0
+        payload = json.dumps(self.body(req)).encode()
+        try:
+            async for status, piece in self._client().post_stream("/v1/completions", payload):
+                if status != 200:
+                    error += piece
+                    continue
+                buffer += piece
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        continue
+                    chunk = self._parse(data)
+                    usage = chunk.get("usage") or usage
+                    for c in chunk.get("choices") or []:
+                        piece_text = c.get("text") or ""
+                        finish = c.get("finish_reason")
+                        if piece_text or finish:
+                            text.append(piece_text)
+                            yield TokenChunk(text=piece_text, num_tokens=1 if piece_text else 0,
+                                             finish_reason=finish, server_request_id=chunk.get("id"))
+        except ConnectionClosed as exc:
+            raise IncompleteStream(str(exc)) from None
+        if status != 200:
+            raise HTTPError(f"HTTP {status}: {error.decode(errors='replace')[:300]}")
+        if not done:
+            raise IncompleteStream("stream ended without [DONE]")
+        yield TokenChunk(text="", num_tokens=0, usage=self._usage(usage, "".join(text), req))
+
+    def _usage(self, usage: dict[str, Any] | None, text: str, req: Request) -> Usage:
+        if usage and usage.get("completion_tokens") is not None:
+            return Usage(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=int(usage["completion_tokens"]),
+                         source="engine")
+        if self._count is None:
+            return Usage(prompt_tokens=None, completion_tokens=None, source="tokenizer")
+        return Usage(prompt_tokens=self._count(req.prompt), completion_tokens=self._count(text), source="tokenizer")
+
+    @staticmethod
+    def _parse(data: bytes) -> dict[str, Any]:
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MalformedChunk(f"chunk is not JSON: {data[:80]!r}") from None
+        if not isinstance(obj, dict):
+            raise MalformedChunk(f"chunk is not a JSON object: {data[:80]!r}")
+        return obj
+
+    def count_tokens(self, text: str) -> int:
+        if self._count is None:
+            raise CapbenchError("no tokenizer is known for this endpoint's model")
+        return self._count(text)
+
+    def begin_window(self) -> None:
+        """Called by the runner just before the measured requests."""
+        if self._probe is not None:
+            self._probe.begin()
+
+    def end_window(self) -> WindowReport | None:
+        """Called just after them: the engine's own view of the window."""
+        return self._probe.end() if self._probe is not None else None
