@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from capbench_llamacpp.backend import gguf_cache, repack_setting
-from capbench_llamacpp.gguf_export import ensure_gguf
+from capbench_llamacpp.convert import ensure_gguf
 from capbench_llamacpp.server import bench_binary
 from capbench_torch_moe.commands import tiny_model_dir
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from capbench_core.analytics import cost
-from capbench_core.analytics.checkpoint import model_ref
+from capbench_core.analytics.checkpoint import chat_template, model_ref
 from capbench_core.analytics.cost import CostModel
 from capbench_core.analytics.grouping import load_label
 from capbench_core.contract.backend import Backend, ModelRef
@@ -78,10 +78,15 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Names = Field(default=(), description="backends to compare; empty: every available one")
-    model: str = Field(default="tiny-moe", description="registered model, checkpoint directory or file")
+    model: str = Field(default="tiny-moe", description="registered model, checkpoint directory, config.json, .gguf "
+                                                        "file or Hugging Face id in the local cache")
+    revision: str | None = Field(default=None, description="Hugging Face cache revision (ref or commit; "
+                                                             "default main)")
     task: str | None = Field(default=None, description="task; None: the model's own, else 'random'")
     task_options: dict[str, Scalar] = Field(default_factory=dict)
     data: str | None = Field(default=None, description="data file for file-based tasks")
+    chat: bool = Field(default=False, description="send prompts as user messages through the model's chat "
+                                                  "template (task option chat=true does the same)")
     num_requests: int = Field(default=128, ge=1, description="measured requests per load level")
     warmup: int = Field(default=8, ge=0, description="warm-up requests per level (recorded, not measured)")
     concurrency: Counts = Field(default=None, description="closed-loop levels (default 1,8); "
@@ -219,6 +224,7 @@ class ResolvedRun:
     task_options: dict[str, Any]
     levels: list[Level]
     skipped: list[str] = field(default_factory=list)
+    chat: bool = False
 
     def cells(self) -> Iterator[tuple[Backend, Level]]:
         for backend in self.backends:
@@ -229,14 +235,20 @@ class ResolvedRun:
 def resolve(config: RunConfig, pm: PluginManager) -> ResolvedRun:
     """Look up the model, the task and the backends, and validate every backend's options, before any
     engine starts. With no backend named, every available one (and why the others are not)."""
-    model = model_ref(pm, config.model)
+    model = model_ref(pm, config.model, config.revision)
     task = pm.tasks.get(config.task or model.default_task or "random")
     backends, skipped = _choose(pm, config)
     options = route_options(config, backends)
     task_options: dict[str, Any] = dict(config.task_options)
+    chat = config.chat or str(task_options.pop("chat", "false")).lower() in ("1", "true", "yes", "on")
+    if chat and not task.supports_chat:
+        raise CapbenchError(f"task '{task.name}' has no chat form (its prompts are not user messages): run it "
+                            f"without --chat / chat=true")
+    if chat:
+        chat_template(model.path)  # one clear error now when the model has none
     if config.data:
         task_options["data"] = config.data
-    resolved = ResolvedRun(config, model, task, backends, options, task_options, config.levels(), skipped)
+    resolved = ResolvedRun(config, model, task, backends, options, task_options, config.levels(), skipped, chat)
     _refuse_if_none_can_run(resolved)
     return resolved
 

@@ -93,7 +93,9 @@ def test_backend_options_are_typed_and_checked_before_any_engine_starts(pm: Plug
 def test_plugins_lists_every_backend_option_with_type_default_and_help() -> None:
     data = json.loads(run_cli("plugins", "--json", check=True).stdout)
     options = data["backend_options"]
-    assert options["torch_moe"]["max_batch"] == {"type": "int", "default": 64, "help": "sequences decoded together"}
+    assert options["torch_moe"]["max_batch"] == {
+        "type": "int | None", "default": None, "help": "sequences decoded together (default: the run's highest "
+                                                       "concurrency)"}
     assert options["vllm"]["max_model_len"]["flag"] == "--max-model-len"
     assert options["llamacpp_server"]["n_cpu_moe"]["type"] == "int | None"
     assert set(options) == set(data["backends"])

@@ -17,7 +17,7 @@ from tests.engines import require_engine
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from capbench_llamacpp.backend import no_repack_when, repack_setting  # noqa: E402
-from capbench_llamacpp.gguf_export import ensure_gguf  # noqa: E402
+from capbench_llamacpp.convert import ensure_gguf  # noqa: E402
 
 PROMPTS = ["123+456=", "7+8=", "905+17=", "The sum of", "40+404="]
 
@@ -89,7 +89,7 @@ def test_q4_k_m_is_made_by_llama_cpp_and_loads(gguf_dir: Path) -> None:
 
 
 def test_bad_gguf_options_name_the_problem(gguf_dir: Path) -> None:
-    with pytest.raises(CapbenchError, match="unsupported GGUF type 'q2_x'; supported: f32, bf16, q8_0, q4_k_m"):
+    with pytest.raises(CapbenchError, match="unsupported GGUF type 'q2_x'; supported: f32, bf16, f16, q8_0, q4_k_m"):
         ensure_gguf(tiny_model_dir(), "q2_x", gguf_dir)
 
 
@@ -116,7 +116,8 @@ def test_default_run_has_every_local_backend(tmp_path: Path, db_url: str) -> Non
         assert m["experts_activated_per_layer_mean"] is not None and m["s_mbu"] is not None, name
         assert r["workload"]["sampling"] == rows["torch_moe"]["workload"]["sampling"]
     assert rows["llamacpp"]["metrics"]["expert_activation_source"] == "estimated"
-    assert {r["model"]["dtype"] for r in rows.values()} == {"float32"}
+    # dtype auto: every engine serves the tiny MoE in the dtype it is stored in
+    assert {r["model"]["dtype"] for r in rows.values()} == {"bfloat16"}
     # Both llama.cpp rows name their llama.cpp revision: setup builds them from one source.
     server_commit = rows["llamacpp_server"]["engine"]["version"].split("commit ")[1].rstrip(")")
     assert f"llama.cpp {server_commit}" in rows["llamacpp"]["engine"]["variant"], rows["llamacpp"]["engine"]
@@ -158,7 +159,8 @@ def test_max_tokens_holds_when_the_model_emits_partial_utf8(tmp_path: Path) -> N
         out = []
         for request in workload.requests:
             chunks = [c async for c in session.stream(request)]
-            out.append((sum(c.num_tokens for c in chunks), "".join(c.text for c in chunks), chunks[-1].finish_reason))
+            out.append((sum(c.num_tokens for c in chunks), "".join(c.text for c in chunks),
+                        next(c.finish_reason for c in chunks if c.finish_reason)))
         return out
 
     with pm.backends.get("llamacpp").start(model, detect_hardware(pm), {}) as session:

@@ -189,4 +189,4 @@ def test_stop_strings_end_the_output_before_them(tiny) -> None:
     finally:
         engine.close()
     assert "".join(c.text for c in chunks) == "57"
-    assert chunks[-1].finish_reason == "stop"
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]

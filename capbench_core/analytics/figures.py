@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from capbench_core.analytics import cost, metrics
 from capbench_core.analytics.datasheets import match_accelerator
-from capbench_core.analytics.model_spec import DTYPE_BYTES, ModelSpec
+from capbench_core.analytics.model_spec import ModelSpec
+from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.backend import DecodeSource, DecodeWindow
-from capbench_core.contract.records import HardwareSpec, Metrics
+from capbench_core.contract.records import EngineInfo, HardwareSpec, Metrics
 
 SERIAL_METHOD = ("batch of 1 (the engine serves one request at a time): top_k experts per layer; step time = "
                  "window / output tokens (includes prefill: S-MBU is a lower bound)")
@@ -57,15 +58,32 @@ class Peaks:
     tflops: float | None
 
 
-def peaks_for(hardware: HardwareSpec, on_cpu: bool, dtype: str | None) -> Peaks:
+def peaks_for(hardware: HardwareSpec, on_cpu: bool, dtype: str | None, devices: int | None = None) -> Peaks:
+    """The host CPU's peaks for a CPU backend; else the accelerators', scaled to the ``devices`` the run uses
+    (the datasheet peak of the spec is summed over every visible device of the kind)."""
     bw = hardware.cpu_peak_mem_bw_gbps if on_cpu and hardware.cpu_peak_mem_bw_gbps else hardware.peak_mem_bw_gbps
     flops = (hardware.cpu_peak_flops_tflops if on_cpu else hardware.peak_flops_tflops).get(dtype or "")
-    return Peaks(bw.value, flops.value if flops else None)
+    share = 1.0
+    visible = [d.count for d in hardware.devices if d.kind != "cpu"]
+    if not on_cpu and devices and visible:
+        share = min(devices, visible[0]) / visible[0]
+    return Peaks(bw.value * share if bw.value else bw.value, flops.value * share if flops and flops.value else None)
 
 
-def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, dtype: str | None, peaks: Peaks) -> None:
-    """S-MBU and S-MFU of the window's decode steps, in the served dtype's bytes; null with the reason when
-    the dtype is unknown (never counted in a guessed one)."""
+def served_bytes(engine: EngineInfo | None) -> tuple[str | None, str | None, WeightBytes | None]:
+    """(weight dtype, KV dtype, bytes per weight) as the engine served them; Nones where it does not say."""
+    if engine is None:
+        return None, None, None
+    wb = WeightBytes(**engine.weight_bytes) if engine.weight_bytes else None
+    kv = engine.kv_dtype if engine.kv_dtype in DTYPE_BYTES else None
+    return engine.weight_dtype, kv, wb
+
+
+def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, engine: EngineInfo | None, peaks: Peaks) -> None:
+    """S-MBU and S-MFU of the window's decode steps, in the bytes the engine served (its weight dtype, or per
+    class its GGUF's tensor types or its checkpoint's quantization); null with the reason when the dtype is
+    unknown (never counted in a guessed one)."""
+    dtype, kv_dtype, wb = served_bytes(engine)
     if dtype is None or dtype not in DTYPE_BYTES:
         why = ("the served weight dtype is unknown (an attached server that does not say which); pass the "
                "backend's dtype option" if dtype is None else f"bytes per weight of dtype {dtype!r} are unknown")
@@ -75,7 +93,7 @@ def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, dtype: str | No
         m.notes["s_mbu"] = m.notes["s_mfu"] = why
         return
     metrics.sparse_efficiency(m, spec, found.steps, found.source, found.method, dtype, peaks.mem_bw_gbps,
-                              peaks.tflops)
+                              peaks.tflops, kv_dtype, wb)
 
 
 def tdp_w(hardware: HardwareSpec) -> float | None:
@@ -96,3 +114,27 @@ def price(m: Metrics, model: cost.CostModel | None, hardware: HardwareSpec) -> N
     missing = ("no price for this hardware: pass --price-usd-per-hour (renting) or --hardware-price-usd "
                f"(owning) for {hardware.label()!r}")
     cost.apply(m, model, tdp_w(hardware), missing)
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What an engine must hold before it serves a token: weights and the KV cache the run can fill."""
+
+    weights_bytes: float
+    kv_bytes: float
+    dtype: str
+
+    @property
+    def total(self) -> float:
+        return self.weights_bytes + self.kv_bytes
+
+    def says(self, sequences: int, context: int) -> str:
+        return (f"{self.total / 1e9:.2f} GB: weights {self.weights_bytes / 1e9:.2f} GB in {self.dtype} + KV cache "
+                f"{self.kv_bytes / 1e9:.2f} GB for {sequences} sequence(s) of {context} tokens")
+
+
+def memory_need(spec: ModelSpec, dtype: str, sequences: int, context: int) -> MemoryNeed:
+    """Weights in ``dtype`` plus the KV cache of ``sequences`` sequences of ``context`` tokens (a lower bound:
+    the engine's own runtime, activations and allocator slack come on top)."""
+    kv_dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    return MemoryNeed(spec.weight_bytes(dtype), sequences * spec.kv_bytes_at_context(context, kv_dtype), dtype)

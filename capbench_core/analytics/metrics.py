@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from capbench_core.analytics.model_spec import DTYPE_BYTES, ModelSpec
+from capbench_core.analytics.model_spec import ModelSpec
+from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.backend import DecodeStep, ModelShape
 from capbench_core.contract.records import DecodeSteps, Metrics, RequestRecord
 
@@ -221,33 +222,37 @@ class StepCost:
     flops: float
 
 
-def decode_step_cost(spec: ModelSpec, step: DecodeStep, dtype: str, kv_dtype: str) -> StepCost:
+def decode_step_cost(spec: ModelSpec, step: DecodeStep, dtype: str, kv_dtype: str,
+                     weight_bytes: WeightBytes | None = None) -> StepCost:
     """Bytes read and FLOPs of one decode step with B live sequences and measured A_l.
 
-    bytes = dense weights (all but routed experts and the input table) + sum_l A_l x expert bytes
-            + B embedding rows + KV bytes each live sequence's attention reads.
+    bytes = dense weights (all but routed experts and the input table) + sum_l A_l x expert weights
+            + B embedding rows, each class in its bytes per weight as served (``weight_bytes``; default: every
+            weight in ``dtype``) + KV bytes each live sequence's attention reads, in ``kv_dtype``.
     FLOPs = B x (matmul FLOPs per token: 2 x dense weights but norms + 2 x top_k x expert params per MoE
             layer) + attention (q.k and p.v) against the cached tokens each sequence attends to.
     Sliding-window layers read and attend to at most their window: the step's summed context is taken
     as B sequences of its mean length (exact when they are equal; an upper bound otherwise).
     """
-    w = DTYPE_BYTES[dtype]
+    wb = weight_bytes or WeightBytes.of_dtype(dtype)
     dense = spec.dense_read_params()
     experts_read = sum(step.distinct_experts) * spec.expert_params if spec.is_moe else 0
     embed_rows = step.batch_size * spec.hidden_size if spec.lm_head_params else 0
     batch = max(step.batch_size, 1)
     attended = batch * spec.attended_tokens(step.context_tokens / batch)  # summed over layers
     kv = attended * spec.kv_elements_per_token * DTYPE_BYTES[kv_dtype]
-    bytes_read = (dense + experts_read + embed_rows) * w + kv
+    bytes_read = dense * wb.dense + experts_read * wb.expert + embed_rows * wb.embedding + kv
     attention = 2 * (spec.attn_score_dim + spec.attn_value_dim) * attended
     return StepCost(bytes_read, step.batch_size * spec.matmul_flops_per_token() + attention)
 
 
-def steps_record(steps: Sequence[DecodeStep], source: str, method: str, dtype: str) -> DecodeSteps | None:
-    """The decode steps as stored with the result (None when there were none)."""
+def steps_record(steps: Sequence[DecodeStep], source: str, method: str, dtype: str, kv_dtype: str | None = None,
+                 weight_bytes: WeightBytes | None = None) -> DecodeSteps | None:
+    """The decode steps as stored with the result (None when there were none), with the bytes they count in."""
     if not steps:
         return None
     return DecodeSteps(source="measured" if source == "measured" else "estimated", method=method, dtype=dtype,
+                       kv_dtype=kv_dtype, weight_bytes=weight_bytes.record() if weight_bytes else None,
                        batch_size=[s.batch_size for s in steps], step_ns=[s.step_ns for s in steps],
                        context_tokens=[s.context_tokens for s in steps],
                        distinct_experts=[list(s.distinct_experts) for s in steps])
@@ -261,13 +266,13 @@ def stored_steps(record: DecodeSteps) -> list[DecodeStep]:
 
 def sparse_efficiency(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], source: str, method: str,
                       dtype: str, peak_bw_gbps: float | None, peak_tflops: float | None,
-                      kv_dtype: str | None = None) -> None:
+                      kv_dtype: str | None = None, weight_bytes: WeightBytes | None = None) -> None:
     """S-MBU and S-MFU over the decode steps of the measured window (sums of bytes and FLOPs over
     the sum of step times, so long steps weigh what they cost)."""
     if not steps:
         m.notes["s_mbu"] = m.notes["s_mfu"] = "no decode step was recorded by the engine"
         return
-    costs = [decode_step_cost(spec, s, dtype, kv_dtype or dtype) for s in steps]
+    costs = [decode_step_cost(spec, s, dtype, kv_dtype or dtype, weight_bytes) for s in steps]
     seconds = sum(s.step_ns for s in steps) / 1e9
     total_bytes, total_flops = sum(c.bytes for c in costs), sum(c.flops for c in costs)
     moe_steps = [s for s in steps if s.distinct_experts]

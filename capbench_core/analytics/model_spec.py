@@ -22,13 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from capbench_core.analytics.checkpoint import read_config
+from capbench_core.analytics.checkpoint import normalize, read_config
+from capbench_core.analytics.weights import DTYPE_BYTES
 from capbench_core.errors import CapbenchError
-
-# Bytes per weight. GGUF block types count their scales: Q8_0 = 34 bytes per 32 weights,
-# Q4_K = 144 bytes per 256 (Q4_K_M files keep some tensors in Q6_K: an approximation for them).
-DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32,
-               "q4_k": 144 / 256, "int4": 0.5, "mxfp4": 4.25 / 8}
 
 
 @dataclass(frozen=True)
@@ -415,7 +411,8 @@ def sliding_attention(c: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def spec_from_config(config: Mapping[str, Any], name: str = "model") -> ModelSpec:
-    """Analytics for a Hugging Face config dict."""
+    """Analytics for a Hugging Face config dict (as any transformers version wrote it)."""
+    config = normalize(config)
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CapbenchError(
@@ -434,45 +431,77 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def config_from_gguf(path: Path) -> dict[str, Any]:
-    """An HF-style config dict from GGUF metadata (qwen3moe, qwen2moe, llama incl. Mixtral)."""
+    """An HF-style config dict from GGUF metadata, for the architectures llama.cpp's converter writes and the
+    analytics count: qwen3moe, qwen2moe, llama (dense and Mixtral), deepseek2, phimoe. The vocabulary is the
+    embedding table's rows (a padded vocabulary included)."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as exc:
         raise CapbenchError(f"{path} is not a readable GGUF file: {exc}") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if "tokenizer.ggml." not in k or k.endswith("tokens")}
-    arch = meta.get("general.architecture")
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    tensors = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    arch = str(meta.get("general.architecture"))
+    if arch not in GGUF_ARCHITECTURES:
+        raise CapbenchError(f"{path}: GGUF architecture {arch!r} is not one the analytics count; they count "
+                            f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
 
-    experts = int(key("expert_count", 0) or 0)
-    heads = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
+    heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    embed = tensors.get("token_embd.weight") or [hidden, 0]
     cfg: dict[str, Any] = {
-        "vocab_size": len(meta.get("tokenizer.ggml.tokens", [])), "hidden_size": hidden,
-        "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "vocab_size": embed[1], "hidden_size": hidden, "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads, "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": int(key("attention.key_length", hidden // heads)),
         "intermediate_size": int(key("feed_forward_length", 0) or 0),
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "num_experts_per_tok": int(key("expert_used_count", 0) or 0),
+        "max_position_embeddings": int(key("context_length", 0) or 0) or None,
     }
-    if arch == "qwen3moe":
-        cfg.update(model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=int(key("expert_used_count")),
-                   moe_intermediate_size=int(key("expert_feed_forward_length")))
-    elif arch == "qwen2moe":
-        cfg.update(model_type="qwen2_moe", num_experts=experts, num_experts_per_tok=int(key("expert_used_count")),
-                   moe_intermediate_size=int(key("expert_feed_forward_length")),
-                   shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length", 0)))
-    elif arch == "llama" and experts:
-        cfg.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=int(key("expert_used_count")))
-    elif arch == "llama":
-        cfg.update(model_type="llama")
-    else:
-        raise CapbenchError(f"{path}: GGUF architecture {arch!r} is not supported by the analytics; "
-                            f"supported: qwen3moe, qwen2moe, llama (dense and Mixtral)")
+    cfg.update(GGUF_ARCHITECTURES[arch](key, tensors, cfg))
     return cfg
+
+
+def _gguf_qwen3moe(key: Any, tensors: dict[str, list[int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"model_type": "qwen3_moe", "num_experts": int(key("expert_count")),
+            "moe_intermediate_size": int(key("expert_feed_forward_length"))}
+
+
+def _gguf_qwen2moe(key: Any, tensors: dict[str, list[int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"model_type": "qwen2_moe", "num_experts": int(key("expert_count")),
+            "moe_intermediate_size": int(key("expert_feed_forward_length")),
+            "shared_expert_intermediate_size": int(key("expert_shared_feed_forward_length", 0))}
+
+
+def _gguf_llama(key: Any, tensors: dict[str, list[int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    experts = int(key("expert_count", 0) or 0)
+    return {"model_type": "mixtral", "num_local_experts": experts} if experts else {"model_type": "llama"}
+
+
+def _gguf_phimoe(key: Any, tensors: dict[str, list[int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"model_type": "phimoe", "num_local_experts": int(key("expert_count")),
+            "attention_bias": "blk.0.attn_q.bias" in tensors, "lm_head_bias": "output.bias" in tensors}
+
+
+def _gguf_deepseek2(key: Any, tensors: dict[str, list[int]], cfg: dict[str, Any]) -> dict[str, Any]:
+    rope = int(key("rope.dimension_count"))
+    return {"model_type": "deepseek_v2", "n_routed_experts": int(key("expert_count")),
+            "n_shared_experts": int(key("expert_shared_count", 0)),
+            "first_k_dense_replace": int(key("leading_dense_block_count", 0)),
+            "moe_intermediate_size": int(key("expert_feed_forward_length")),
+            "q_lora_rank": int(key("attention.q_lora_rank", 0) or 0) or None,
+            "kv_lora_rank": int(key("attention.kv_lora_rank")), "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": int(key("attention.key_length_mla")) - rope,
+            "v_head_dim": int(key("attention.value_length_mla"))}
+
+
+GGUF_ARCHITECTURES: dict[str, Callable[[Any, dict[str, list[int]], dict[str, Any]], dict[str, Any]]] = {
+    "qwen3moe": _gguf_qwen3moe, "qwen2moe": _gguf_qwen2moe, "llama": _gguf_llama, "phimoe": _gguf_phimoe,
+    "deepseek2": _gguf_deepseek2,
+}
 
 
 def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:

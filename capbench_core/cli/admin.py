@@ -69,15 +69,18 @@ def model() -> None:
               help="Context length for flops_per_token.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32", "fp8"]), default="bfloat16",
               show_default=True, help="Element type for byte counts.")
-def inspect_model(name: str, as_json: bool, context_len: int, dtype: str) -> None:
+@click.option("--revision", default=None, metavar="REF",
+              help="With a Hugging Face id: the cached revision (a ref or a commit; default main).")
+def inspect_model(name: str, as_json: bool, context_len: int, dtype: str, revision: str | None) -> None:
     """Parameters (total / active per token), sparsity, FLOPs and KV bytes of NAME.
 
-    NAME is a registered model (see `capbench model list`), a model directory or a config.json.
+    NAME is a registered model (see `capbench model list`), a model directory, a config.json, a .gguf file or a
+    Hugging Face id in the local cache.
     """
     from capbench_core.analytics.checkpoint import model_ref
     from capbench_core.analytics.model_spec import spec_from_path
 
-    ref = model_ref(plugin_manager(), name)
+    ref = model_ref(plugin_manager(), name, revision)
     path = Path(name) if Path(name).is_file() else ref.path
     spec = spec_from_path(path, ref.name)
     if as_json:

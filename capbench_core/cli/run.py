@@ -32,7 +32,10 @@ OUTPUT_FLAGS = ("db_url", "json_path", "fmt", "from_run")
 RUN_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--backend", metavar="A,B", help="Backends to compare (default: every available one)."),
     click.option("--model", default="tiny-moe", show_default=True,
-                 help="A registered model name or a Hugging Face model directory."),
+                 help="A registered model, a checkpoint directory, a .gguf file, or a Hugging Face id found in the "
+                      "local Hugging Face cache (nothing is downloaded)."),
+    click.option("--revision", default=None, metavar="REF",
+                 help="With a Hugging Face id: the cached revision (a ref or a commit; default main)."),
     click.option("--task", default=None, help="Task (default: the model's own task, else 'random')."),
     click.option("--num-requests", type=click.IntRange(min=1), default=128, show_default=True,
                  help="Measured requests per load level."),
@@ -78,6 +81,9 @@ RUN_OPTIONS: list[Callable[[Any], Any]] = [
                  help="Data file for file-based tasks (gsm8k, mmlu): JSONL, JSON or Parquet."),
     click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
                  help="Passed to the task (random: input_len, output_len, range_ratio, seed)."),
+    click.option("--chat", is_flag=True, default=None,
+                 help="Send prompts as user messages through the model's chat template (servers: "
+                      "/v1/chat/completions); tasks random, gsm8k and mmlu."),
     DB_OPTION,
     click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Also write the results as JSON to this file."),

@@ -68,7 +68,9 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request. ``ignore_eos`` forces exactly ``max_tokens`` tokens."""
+    """One generation request. ``ignore_eos`` forces exactly ``max_tokens`` tokens. ``chat``: ``prompt`` is a
+    user message, sent through the model's chat template (a server's /v1/chat/completions, or the template
+    rendered in-process: ``analytics.checkpoint.ChatTemplate``)."""
 
     id: str
     prompt: str
@@ -77,6 +79,7 @@ class Request:
     ignore_eos: bool = False
     prompt_token_ids: tuple[int, ...] | None = None
     stop: tuple[str, ...] = ()
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,22 @@ class LoadShape:
 
     ``max_concurrency`` is the most requests in flight at any load level of the run;
     ``max_context_tokens`` bounds prompt + output tokens of any request (UTF-8 bytes of
-    the prompt + max_tokens: no tokenizer makes more tokens than bytes), None when unknown.
+    the prompt as sent + max_tokens: no tokenizer makes more tokens than bytes), None when
+    unknown.
     """
 
     max_concurrency: int = 1
     max_context_tokens: int | None = None
+    #: tokens a sequence may need beyond the bound (a BOS token, an end-of-turn marker), then rounded up
+    HEADROOM = 16
 
     def context_for(self, model_max: int | None) -> int | None:
-        """Context to size per sequence: the run's bound, never beyond the model's own limit."""
-        bounds = [b for b in (self.max_context_tokens, model_max) if b]
+        """Context to size per sequence: the run's bound with a little headroom (a multiple of 16), never beyond
+        the model's own limit."""
+        run = None
+        if self.max_context_tokens:
+            run = -(-(self.max_context_tokens + self.HEADROOM) // 16) * 16
+        bounds = [b for b in (run, model_max) if b]
         return min(bounds) if bounds else None
 
 
@@ -248,6 +258,12 @@ class Session:
         steps = [s for s in activation.steps if s.started_ns <= window.end_ns]
         return DecodeSource(steps, activation.source, activation.method)
 
+    def failure_cause(self) -> str | None:
+        """Why requests are failing, in the engine's own words, when it knows (a launched engine that exited:
+        its exit code or signal and its last error line); None otherwise. The runner adds it to a row whose
+        requests failed."""
+        return None
+
     def begin_window(self) -> None:
         """Called (on a worker thread) just before the measured requests: e.g. scrape the engine's metrics."""
 
@@ -303,6 +319,17 @@ class Backend:
         every bad option. capbench calls it before any engine starts; ``start`` may call it again."""
         return validate_options(self.name, self.option_model(), options)
 
+    def devices_used(self, options: Mapping[str, Any]) -> int | None:
+        """How many accelerators a run with these options uses (tensor x pipeline x data parallel), so S-MBU and
+        S-MFU divide by their peaks and not every visible device's; None: all of them."""
+        return None
+
+    def planned_dtype(self, model: ModelRef, options: Mapping[str, Any]) -> str | None:
+        """The weight dtype the engine will hold with these (validated) options, before it starts, for the memory
+        check; None: the checkpoint's own."""
+        dtype = options.get("dtype")
+        return str(dtype) if dtype and dtype != "auto" else None
+
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         """The options that make this backend hold its weights in ``dtype`` (``float32``, ``bfloat16``),
         or None when it cannot (``capbench run --dtype`` then leaves it at its default and says so)."""
@@ -317,8 +344,8 @@ class Backend:
 #: Optional capabilities by base class, as documented in docs/plugins.md.
 OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
     "Backend": ("description", "device", "Options", "options", "serial_decode", "needs_endpoint", "engine_env",
-                "available_for", "dtype_options"),
-    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "decode_steps", "begin_window",
-                "end_window", "expert_pass"),
-    "Task": ("scores_externally", "variant", "evaluate"),
+                "available_for", "dtype_options", "planned_dtype", "devices_used"),
+    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "decode_steps", "failure_cause",
+                "begin_window", "end_window", "expert_pass"),
+    "Task": ("scores_externally", "supports_chat", "variant", "evaluate"),
 }

@@ -84,19 +84,27 @@ class EngineInfo:
     installed_from: str | None = Field(default=None, description="engine environment or user installation")
     weight_dtype: str | None = Field(default=None, description="dtype the engine holds its weights in; None: "
                                                                "unknown (an attached server that does not say)")
+    kv_dtype: str | None = Field(default=None, description="dtype of its KV cache; None: the weight dtype")
+    weight_bytes: dict[str, Any] | None = Field(
+        default=None, description="bytes per weight by class where they differ from weight_dtype's (a GGUF's "
+                                  "tensor types, a quantized checkpoint): analytics.weights.WeightBytes")
 
 
 class ModelRecord(_Model):
+    """The model a run served. The counts are capbench's analytics; for an architecture they do not know they
+    are None and ``analytics_note`` says so (the engines still ran it)."""
+
     name: str
     path: str
     architecture: str
-    total_params: int
-    active_params: int
-    active_params_no_embed: int
-    num_experts: int
-    top_k: int
-    sparsity: float
+    total_params: int | None
+    active_params: int | None
+    active_params_no_embed: int | None
+    num_experts: int | None
+    top_k: int | None
+    sparsity: float | None
     dtype: str
+    analytics_note: str | None = None
     config: dict[str, Any] | None = Field(default=None, description="the model's config.json, as the run read it")
 
 
@@ -146,6 +154,11 @@ class DecodeSteps(_Model):
     source: Literal["measured", "estimated"]
     method: str = ""
     dtype: str = Field(description="weight dtype the bytes were counted in")
+    kv_dtype: str | None = Field(default=None, description="KV-cache dtype the KV bytes were counted in (None: the "
+                                                           "weight dtype)")
+    weight_bytes: dict[str, Any] | None = Field(
+        default=None, description="bytes per weight by class as served (dense, expert, embedding, source); None: "
+                                  "every weight in dtype")
     batch_size: list[int] = Field(default_factory=list)
     step_ns: list[int] = Field(default_factory=list)
     context_tokens: list[int] = Field(default_factory=list, description="summed over the step's sequences")

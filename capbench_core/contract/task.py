@@ -35,7 +35,7 @@ class Workload:
     def hash(self) -> str:
         """sha256 over prompts, lengths and sampling: equal hashes mean the same workload."""
         items = [{"prompt": r.prompt, "max_tokens": r.max_tokens, "ignore_eos": r.ignore_eos,
-                  "sampling": asdict(r.sampling)} for r in self.requests]
+                  "sampling": asdict(r.sampling), **({"chat": True} if r.chat else {})} for r in self.requests]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
     def score(self, request_id: str, text: str) -> dict[str, bool] | None:
@@ -59,6 +59,9 @@ class Task:
     description: str = ""
     #: Scored by an outside harness against the served endpoint (``evaluate``), not per request.
     scores_externally: bool = False
+    #: Its prompts read as user messages: ``--chat`` (task option ``chat=true``) sends them through the model's
+    #: chat template.
+    supports_chat: bool = False
 
     def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
         """Make ``num_requests`` requests; options come from ``--task-option k=v``."""

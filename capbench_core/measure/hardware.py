@@ -192,3 +192,14 @@ def detect_hardware(pm: PluginManager, refresh_peaks: bool = False) -> HardwareS
     """Every registered probe's devices, with peaks (CPU peaks measured once per machine and cached)."""
     devices = [d for _, probe in pm.hardware_probes.items() for d in probe()]
     return build_spec(devices, refresh_peaks)
+
+
+def free_host_memory() -> int | None:
+    """Bytes of host memory available to a new process now (MemAvailable), None where /proc is not Linux's."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -56,3 +56,20 @@ def probe_nvidia() -> list[Device]:
 def cuda_gpus() -> list[tuple[str, int]]:
     """(name, memory bytes) of each visible NVIDIA GPU; [] when none or no NVML."""
     return [(d.model, d.memory_bytes or 0) for d in probe_nvidia() for _ in range(d.count)]
+
+
+def free_gpu_memory() -> list[int]:
+    """Free bytes on each visible NVIDIA GPU now, in NVML's order; [] when none or no NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver or no device
+        return []
+    try:
+        return [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()

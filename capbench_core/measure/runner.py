@@ -21,6 +21,7 @@ from capbench_core import __version__
 from capbench_core.analytics import figures, metrics
 from capbench_core.analytics.cost import CostModel
 from capbench_core.analytics.model_spec import ModelSpec, config_of, spec_from_path
+from capbench_core.analytics.weights import DTYPE_BYTES
 from capbench_core.config import Level, ResolvedRun, cost_model
 from capbench_core.contract.backend import Backend, DecodeWindow, LoadShape, Session
 from capbench_core.contract.records import HardwareSpec, Metrics, ModelRecord, RunResult, WorkloadRecord
@@ -51,7 +52,7 @@ class Point:
     run: ResolvedRun
     backend: Backend
     level: Level
-    spec: ModelSpec
+    spec: ModelSpec | None
     workload: Workload
     result: RunResult
     external: metrics.ExternalScore | None = None
@@ -63,25 +64,29 @@ class Runner:
         self.pm, self.store, self.hardware, self.reporter = pm, store, hardware, reporter
         self.sha = git_sha()
         self.cost: CostModel | None = None
+        self.analytics_note: str | None = None
 
     def run(self, run: ResolvedRun) -> list[RunResult]:
-        spec = spec_from_path(run.model.path, run.model.name)
+        spec, self.analytics_note = analytics_of(run)
         self.cost = cost_model(run.config, self.hardware)
         workload = run.task.build(run.model, run.config.num_requests + run.config.warmup, run.task_options)
+        if run.chat:
+            workload.requests = [dataclasses.replace(r, chat=True) for r in workload.requests]
+            workload.params["chat"] = True
         results: list[RunResult] = []
         with progress.using(self.reporter):
             for backend in run.backends:
                 results.extend(self._run_backend(run, backend, spec, workload))
         return results
 
-    def _base_result(self, run: ResolvedRun, backend: Backend, spec: ModelSpec, workload: Workload, level: Level,
-                     dtype: str | None) -> RunResult:
+    def _base_result(self, run: ResolvedRun, backend: Backend, spec: ModelSpec | None, workload: Workload,
+                     level: Level, dtype: str | None) -> RunResult:
         sampling = asdict(workload.requests[0].sampling) if workload.requests else {}
         config = run.config
         return RunResult(
             run_id=str(uuid.uuid4()), started_at=datetime.now(timezone.utc), status="partial",
             capbench_version=__version__, git_sha=self.sha, backend=backend.name,
-            model=_model_record(run, spec, dtype), hardware=self.hardware,
+            model=_model_record(run, spec, dtype, self.analytics_note), hardware=self.hardware,
             workload=WorkloadRecord(task=workload.task, params=workload.params, hash=workload.hash(),
                                     num_requests=config.num_requests, warmup_requests=config.warmup,
                                     concurrency=level.concurrency, rate_rps=level.rate_rps,
@@ -99,16 +104,18 @@ class Runner:
             self.reporter.note(warning)
         return result
 
-    def _run_backend(self, run: ResolvedRun, backend: Backend, spec: ModelSpec,
+    def _run_backend(self, run: ResolvedRun, backend: Backend, spec: ModelSpec | None,
                      workload: Workload) -> list[RunResult]:
         options = run.backend_options[backend.name]
         availability = backend.available_for(options)
-        if not availability.ok:
+        shape = load_shape(run, workload)
+        refusal = availability.reason if not availability.ok else memory_refusal(run, backend, spec, shape)
+        if refusal:
             failed = self._base_result(run, backend, spec, workload, run.levels[0], None)
-            return [self._finish(failed, "failed", availability.reason)]
+            return [self._finish(failed, "failed", refusal)]
         done: list[RunResult] = []
         try:
-            with backend.start(run.model, self.hardware, options, load_shape(run, workload)) as session:
+            with backend.start(run.model, self.hardware, options, shape) as session:
                 if not isinstance(session, Session):
                     raise CapbenchError(f"{backend.name}.start() yielded a {type(session).__name__}, which does "
                                         f"not subclass capbench_core.contract.backend.Session")
@@ -184,9 +191,11 @@ class Runner:
             raise
         self._compute(point, session, warm_phase, main_phase, meter)
         failed = result.metrics.num_failed
+        cause = session.failure_cause() if failed else None
+        because = f": {cause}" if cause else ""
         if failed and failed == result.metrics.num_requests:
-            return self._finish(result, "failed", f"all {failed} requests failed")
-        reason = f"{failed} of {result.metrics.num_requests} requests failed" if failed else ""
+            return self._finish(result, "failed", f"all {failed} requests failed{because}")
+        reason = f"{failed} of {result.metrics.num_requests} requests failed{because}" if failed else ""
         return self._finish(result, "partial" if failed else "complete", reason)
 
     def _compute(self, point: Point, session: Session, warm: Phase, main: Phase,
@@ -201,12 +210,19 @@ class Runner:
         metrics.accuracy(m, records, point.workload.scoring.metric if point.workload.scoring else None)
         if point.external is not None:
             metrics.external_accuracy(m, point.external)
-        window = DecodeWindow(main.records, main.start_ns, main.end_ns, report, spec)
-        found = session.decode_steps(window) or figures.client_decode_steps(window, spec, session.serial_decode)
         dtype = result.engine.weight_dtype if result.engine else None
-        peaks = figures.peaks_for(self.hardware, point.backend.device == "cpu", dtype)
-        figures.efficiency(m, spec, found, dtype, peaks)
-        result.decode_steps = metrics.steps_record(found.steps, found.source, found.method, dtype or "unknown")
+        if spec is None:
+            m.notes["s_mbu"] = m.notes["s_mfu"] = self.analytics_note or "the model is unknown to the analytics"
+        else:
+            window = DecodeWindow(main.records, main.start_ns, main.end_ns, report, spec)
+            found = session.decode_steps(window) or figures.client_decode_steps(window, spec, session.serial_decode)
+            options = point.run.backend_options[point.backend.name]
+            peaks = figures.peaks_for(self.hardware, point.backend.device == "cpu", dtype,
+                                      point.backend.devices_used(options))
+            figures.efficiency(m, spec, found, result.engine, peaks)
+            _, kv_dtype, wb = figures.served_bytes(result.engine)
+            result.decode_steps = metrics.steps_record(found.steps, found.source, found.method, dtype or "unknown",
+                                                       kv_dtype, wb)
         metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
         figures.price(m, self.cost, self.hardware)
         metrics.goodput(m, main.records, point.run.config.slo, main.window_ns)
@@ -221,15 +237,65 @@ class Runner:
         result.metrics = m
 
 
-def _model_record(run: ResolvedRun, spec: ModelSpec, dtype: str | None) -> ModelRecord:
+def analytics_of(run: ResolvedRun) -> tuple[ModelSpec | None, str | None]:
+    """The model's analytics, or None and why: an architecture capbench does not count still runs on every
+    engine that serves it, with S-MBU and S-MFU null."""
+    try:
+        return spec_from_path(run.model.path, run.model.name), None
+    except CapbenchError as exc:
+        return None, f"capbench's analytics cannot count this model ({exc}), so S-MBU and S-MFU are not computed"
+
+
+def _model_record(run: ResolvedRun, spec: ModelSpec | None, dtype: str | None, note: str | None) -> ModelRecord:
+    config = config_of(run.model.path)
+    if spec is None:
+        return ModelRecord(name=run.model.name, path=str(run.model.path),
+                           architecture=str((config or {}).get("model_type") or "unknown"), total_params=None,
+                           active_params=None, active_params_no_embed=None, num_experts=None, top_k=None,
+                           sparsity=None, dtype=dtype or "unknown", config=config, analytics_note=note)
     return ModelRecord(name=run.model.name, path=str(run.model.path), architecture=spec.architecture,
                        total_params=spec.total_params, active_params=spec.active_params,
                        active_params_no_embed=spec.active_params_no_embed, num_experts=spec.num_experts,
-                       top_k=spec.top_k, sparsity=spec.sparsity, dtype=dtype or "unknown",
-                       config=config_of(run.model.path))
+                       top_k=spec.top_k, sparsity=spec.sparsity, dtype=dtype or "unknown", config=config)
+
+
+def memory_refusal(run: ResolvedRun, backend: Backend, spec: ModelSpec | None, shape: LoadShape) -> str | None:
+    """Why a backend cannot start here for lack of memory (weights + KV cache against free host memory, or free
+    memory of the GPUs it would use), in numbers; None when it fits or cannot be told (an attached server, a
+    model the analytics do not count)."""
+    from capbench_core.analytics.checkpoint import max_context, stored_dtype
+    from capbench_core.measure.hardware import free_host_memory
+    from capbench_core.measure.nvml import free_gpu_memory
+
+    options = run.backend_options[backend.name]
+    if spec is None or options.get("endpoint"):
+        return None
+    stored = stored_dtype(run.model.path) if run.model.path.is_dir() else None
+    dtype = backend.planned_dtype(run.model, options) or stored or "bfloat16"
+    if dtype not in DTYPE_BYTES:
+        return None
+    context = shape.context_for(max_context(run.model)) or 2048
+    sequences = 1 if backend.serial_decode else shape.max_concurrency  # one at a time: one sequence's KV
+    need = figures.memory_need(spec, dtype, sequences, context)
+    if backend.device == "cpu":
+        free, where = free_host_memory(), "of host memory is free"
+    else:
+        gpus = free_gpu_memory()
+        free, where = (sum(gpus) if gpus else None), f"is free on the {len(gpus)} visible GPU(s)"
+    if free is None or need.total <= free:
+        return None
+    return (f"{backend.name} was not started: the model needs at least {need.says(sequences, context)}, "
+            f"and only {free / 1e9:.2f} GB {where}")
 
 
 def load_shape(run: ResolvedRun, workload: Workload) -> LoadShape:
-    """The most requests in flight at any level, and a bound on any request's context."""
-    longest = max((len(r.prompt.encode()) + r.max_tokens + 1 for r in workload.requests), default=None)
+    """The most requests in flight at any level, and a bound on any request's context (a chat request's prompt
+    as the model's chat template renders it)."""
+    template = None
+    if run.chat:
+        from capbench_core.analytics.checkpoint import chat_template
+
+        template = chat_template(run.model.path)
+    longest = max((len((template.render(r.prompt) if template else r.prompt).encode()) + r.max_tokens + 1
+                   for r in workload.requests), default=None)
     return LoadShape(max(level.concurrency for level in run.levels), longest)

@@ -22,6 +22,7 @@ from typing import Any
 
 from capbench_core.analytics import metrics
 from capbench_core.analytics.model_spec import ModelSpec, spec_from_config
+from capbench_core.analytics.weights import WeightBytes
 from capbench_core.contract.records import Metrics, RunResult
 from capbench_core.errors import CapbenchError
 
@@ -218,6 +219,16 @@ def _model(r: RunResult) -> Iterator[Finding]:
             yield Finding(f"model.{name}", stated, derived, "counted from the model's own config")
 
 
+def _shares(hw: Any, accelerator: list[float | None], cpu: list[float | None]) -> set[float]:
+    """The peaks a row may divide by: the CPU's, and the accelerators' for 1..n of the n visible devices (a run
+    using tp=2 of 8 GPUs divides by two GPUs' peaks)."""
+    counts = [d.count for d in hw.devices if d.kind != "cpu"]
+    n = counts[0] if counts else 1
+    out = {v for v in cpu if v}
+    out |= {v * k / n for v in accelerator if v for k in range(1, n + 1)}
+    return out
+
+
 def _efficiency(r: RunResult) -> Iterator[Finding]:
     """S-MBU and S-MFU from the stored decode steps, the model's config and the peaks the run states,
     which must be this hardware's own."""
@@ -226,17 +237,24 @@ def _efficiency(r: RunResult) -> Iterator[Finding]:
     if steps is None or spec is None:
         return
     hw = r.hardware
-    bw_peaks = {p.value for p in (hw.peak_mem_bw_gbps, hw.cpu_peak_mem_bw_gbps) if p is not None}
-    if m.peak_mem_bw_gbps is not None and m.peak_mem_bw_gbps not in bw_peaks:
-        yield Finding("metrics.peak_mem_bw_gbps", m.peak_mem_bw_gbps, sorted(v for v in bw_peaks if v),
-                      "not a peak of the hardware the run declares")
-    flops_peaks = {p.value for p in (*hw.peak_flops_tflops.values(), *hw.cpu_peak_flops_tflops.values())}
-    if m.peak_flops_tflops is not None and m.peak_flops_tflops not in flops_peaks:
-        yield Finding("metrics.peak_flops_tflops", m.peak_flops_tflops, sorted(v for v in flops_peaks if v),
-                      "not a peak of the hardware the run declares")
+    bw_peaks = _shares(hw, [p.value for p in (hw.peak_mem_bw_gbps,) if p is not None],
+                       [p.value for p in (hw.cpu_peak_mem_bw_gbps,) if p is not None])
+    if m.peak_mem_bw_gbps is not None and not any(_same(m.peak_mem_bw_gbps, v) for v in bw_peaks):
+        yield Finding("metrics.peak_mem_bw_gbps", m.peak_mem_bw_gbps, sorted(bw_peaks),
+                      "not a peak of the hardware the run declares (or of a part of its accelerators)")
+    flops_peaks = _shares(hw, [p.value for p in hw.peak_flops_tflops.values()],
+                          [p.value for p in hw.cpu_peak_flops_tflops.values()])
+    if m.peak_flops_tflops is not None and not any(_same(m.peak_flops_tflops, v) for v in flops_peaks):
+        yield Finding("metrics.peak_flops_tflops", m.peak_flops_tflops, sorted(flops_peaks),
+                      "not a peak of the hardware the run declares (or of a part of its accelerators)")
     derived = Metrics()
+    try:
+        wb = WeightBytes.from_record(steps.weight_bytes, steps.dtype)
+    except (CapbenchError, TypeError) as exc:
+        yield Finding("decode_steps.weight_bytes", steps.weight_bytes, None, f"not bytes per weight: {exc}")
+        return
     metrics.sparse_efficiency(derived, spec, metrics.stored_steps(steps), steps.source, steps.method, steps.dtype,
-                              m.peak_mem_bw_gbps, m.peak_flops_tflops)
+                              m.peak_mem_bw_gbps, m.peak_flops_tflops, steps.kv_dtype, wb)
     yield from _compare("metrics", m, derived, EFFICIENCY_FIELDS)
 
 

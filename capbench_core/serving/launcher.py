@@ -11,6 +11,7 @@ period, so no engine process survives capbench.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -52,6 +53,78 @@ def run_log_dir() -> Path:
     return path
 
 
+#: words that mark an engine's own error line in its log
+ERROR_MARKS = re.compile(r"\berror\b|exception|out of memory|killed|not supported|unrecognized|no such file|"
+                         r"aborted|segmentation fault", re.IGNORECASE)
+#: a Python exception line (``RuntimeError: ...``), anywhere in a log line
+EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception): \S")
+#: a log record's own prefix (vLLM's ``(Worker pid=1) ERROR 12-05 08:07:58 [file.py:12] ``)
+PREFIX = re.compile(r"^(\(\w+ pid=\d+\) )?(\w+ )?(\d\d-\d\d \d\d:\d\d:\d\d )?(\[[^\]]*\] )?")
+#: exception lines that only point elsewhere
+WRAPPERS = ("See stack trace", "EngineDeadError", "WARNING")
+#: llama.cpp's error-level log lines (``0.00.278.101 E llama_model_load: error loading model: ...``)
+GGML_ERROR = re.compile(r"^\d+\.\d+\.\d+\.\d+ E (.+)$")
+
+
+def found_error(path: Path) -> str | None:
+    """The engine's own error in its log, None when it names none: the first Python exception line (the root
+    cause; later ones are its consequences), else llama.cpp's first error-level line, else the first line that
+    names an error (an argparse ``error:``, llama.cpp's in-process ``error loading model: ...``)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    causes = [line for line in lines if EXCEPTION.search(line) and not any(w in line for w in WRAPPERS)]
+    if causes:
+        return PREFIX.sub("", causes[0])[:500]
+    ggml = [m.group(1) for m in map(GGML_ERROR.match, lines) if m]
+    if ggml:
+        return ggml[0][:500]
+    marked = [line for line in lines if ERROR_MARKS.search(line) and "WARNING" not in line
+              and not line.startswith(("File \"", "Traceback"))]
+    return PREFIX.sub("", marked[0])[:500] if marked else None
+
+
+def error_line(path: Path) -> str:
+    """The engine's own error in its log (``found_error``), else its last line."""
+    found = found_error(path)
+    if found is not None:
+        return found
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return (lines or ["(empty log)"])[-1][:500]
+
+
+def oom_kills() -> int | None:
+    """The kernel's OOM-kill count for this cgroup (v2 memory.events, v1 memory.oom_control), None if unreadable."""
+    for path, key in (("/sys/fs/cgroup/memory.events", "oom_kill"),
+                      ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def exit_cause(code: int, ooms_before: int | None, logged_error: bool) -> str:
+    """`code 2`, or the signal: `killed by the kernel's OOM killer` when the cgroup's OOM count rose, `out of
+    memory?` for a SIGKILL that neither the kernel's counters nor the engine's own log explain."""
+    if code >= 0:
+        return f"code {code}"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    after = oom_kills()
+    if -code == signal.SIGKILL and ooms_before is not None and after is not None and after > ooms_before:
+        return f"{name}: killed by the kernel's OOM killer (out of memory)"
+    if -code == signal.SIGKILL and not logged_error:
+        return f"{name} (killed; out of memory?)"
+    return name
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -68,6 +141,17 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str
     log_path: Path
+    ooms_at_start: int | None = None
+
+    def died(self, when: str = "") -> str | None:
+        """One sentence when the engine has exited: how (and ``when``), and its own last error line; None while
+        it runs."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        cause = exit_cause(code, self.ooms_at_start, found_error(self.log_path) is not None)
+        return (f"engine exited with {cause}{' ' + when if when else ''}: {error_line(self.log_path)} "
+                f"(command: {shlex.join(self.argv)}; log: {self.log_path})")
 
     @property
     def pgid(self) -> int:
@@ -86,17 +170,15 @@ def _ready(url: str, timeout: float) -> bool:
 def wait_ready(server: Server, health_paths: Sequence[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        code = server.process.poll()
-        if code is not None:
-            raise CapbenchError(
-                f"engine exited with code {code} during start-up.\ncommand: {shlex.join(server.argv)}\n"
-                f"last log lines ({server.log_path}):\n{tail(server.log_path)}")
+        died = server.died("during start-up")
+        if died is not None:
+            raise CapbenchError(died)
         if any(_ready(server.base_url + p, 2.0) for p in health_paths):
             return
         time.sleep(0.25)
     raise CapbenchError(
-        f"engine did not become ready within {timeout_s:.0f} s (polled {', '.join(health_paths)}).\n"
-        f"command: {shlex.join(server.argv)}\nlast log lines ({server.log_path}):\n{tail(server.log_path)}")
+        f"engine did not become ready within {timeout_s:.0f} s (polled {', '.join(health_paths)}); its last log "
+        f"line: {error_line(server.log_path)} (command: {shlex.join(server.argv)}; log: {server.log_path})")
 
 
 def stop(server: Server, grace_s: float = 10.0) -> None:
@@ -143,7 +225,7 @@ def launch(argv: Sequence[str], base_url: str, log_path: Path, health_paths: Seq
                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         except OSError as exc:
             raise CapbenchError(f"cannot start {shlex.join(argv)}: {exc.strerror}") from None
-    server = Server(list(argv), process, base_url, log_path)
+    server = Server(list(argv), process, base_url, log_path, oom_kills())
     try:
         with progress.waiting(f"{label}: starting the engine (log: {log_path})"):
             wait_ready(server, health_paths, timeout_s)

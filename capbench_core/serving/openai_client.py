@@ -1,4 +1,5 @@
-"""The streaming client every server backend shares: OpenAI `/v1/completions`.
+"""The streaming client every server backend shares: OpenAI `/v1/completions`, and `/v1/chat/completions` for
+chat requests (the server applies the model's chat template).
 
 Requests are sent with ``stream: true`` and ``stream_options.include_usage``.
 Each SSE chunk becomes a TokenChunk (timestamped by the load generator on
@@ -21,6 +22,7 @@ from capbench_core.contract.backend import EngineInfo, Request, Session, TokenCh
 from capbench_core.contract.window import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.serving.http import ConnectionClosed, StreamingClient
+from capbench_core.serving.launcher import Server, found_error
 from capbench_core.serving.scrape import EngineProbe
 
 
@@ -77,6 +79,15 @@ def attach(options: Mapping[str, Any], default_name: str) -> tuple[str, str]:
     return url, str(options.get("served_model") or (served[0] if served else default_name))
 
 
+def _choice_text(choice: Mapping[str, Any]) -> tuple[str, str]:
+    """(answer text, reasoning text) of one streamed choice: a completion's ``text``, or a chat chunk's
+    ``delta.content`` and ``delta.reasoning_content`` (reasoning models stream their thinking apart)."""
+    if "delta" in choice:
+        delta = choice.get("delta") or {}
+        return str(delta.get("content") or ""), str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+    return str(choice.get("text") or ""), ""
+
+
 class OpenAISession(Session):
     """A Session over an OpenAI-compatible server.
 
@@ -84,7 +95,20 @@ class OpenAISession(Session):
     fields (llama.cpp's ``repeat_penalty``); ``serial_decode`` tells the runner
     the engine decodes one request at a time; ``probe`` reads the engine's own
     metrics (and, for SGLang, its expert recorder) around the measured window.
+    ``engine_process``, set for a server capbench launched, says how it died.
     """
+
+    engine_process: Server | None = None
+
+    def failure_cause(self) -> str | None:
+        """A launched engine that exited: how; one still up: the error its log names, if any."""
+        if self.engine_process is None:
+            return None
+        died = self.engine_process.died("during the run")
+        if died is not None:
+            return died
+        logged = found_error(self.engine_process.log_path)
+        return f"the engine's log says: {logged} (log: {self.engine_process.log_path})" if logged else None
 
     def __init__(self, base_url: str, model: str, engine: EngineInfo,
                  count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,
@@ -114,10 +138,14 @@ class OpenAISession(Session):
     def body(self, req: Request) -> dict[str, Any]:
         s = req.sampling
         body: dict[str, Any] = {
-            "model": self.served_model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
+            "model": self.served_model, "max_tokens": req.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": s.temperature, "top_p": s.top_p,
             "seed": s.seed, "repetition_penalty": s.repetition_penalty,
         }
+        if req.chat:
+            body["messages"] = [{"role": "user", "content": req.prompt}]
+        else:
+            body["prompt"] = req.prompt
         if req.ignore_eos:
             body["ignore_eos"] = True
         if req.stop:
@@ -134,8 +162,9 @@ class OpenAISession(Session):
         error = b""
         status = 0
         payload = json.dumps(self.body(req)).encode()
+        path = "/v1/chat/completions" if req.chat else "/v1/completions"
         try:
-            async for status, piece in self._client().post_stream("/v1/completions", payload):
+            async for status, piece in self._client().post_stream(path, payload):
                 if status != 200:
                     error += piece
                     continue
@@ -152,11 +181,11 @@ class OpenAISession(Session):
                     chunk = self._parse(data)
                     usage = chunk.get("usage") or usage
                     for c in chunk.get("choices") or []:
-                        piece_text = c.get("text") or ""
+                        piece_text, thought = _choice_text(c)
                         finish = c.get("finish_reason")
-                        if piece_text or finish:
+                        if piece_text or thought or finish:
                             text.append(piece_text)
-                            yield TokenChunk(text=piece_text, num_tokens=1 if piece_text else 0,
+                            yield TokenChunk(text=piece_text, num_tokens=1 if piece_text or thought else 0,
                                              finish_reason=finish, server_request_id=chunk.get("id"))
         except ConnectionClosed as exc:
             raise IncompleteStream(str(exc)) from None

@@ -15,10 +15,11 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from capbench_core.analytics.checkpoint import read_config
+from capbench_core.analytics.checkpoint import engine_view, max_context, read_config
 from capbench_core.contract.backend import (
     UNKNOWN_SHAPE,
     Availability,
@@ -54,13 +55,7 @@ class ServerOptions(EndpointOptions):
     startup_timeout_s: float | None = option("seconds to wait for the engine to become ready (default 900)", gt=0)
 
 
-def model_max_len(model: ModelRef) -> int | None:
-    """The checkpoint's own context limit (``max_position_embeddings``), if it states one."""
-    try:
-        value = read_config(model.path).get("max_position_embeddings")
-    except CapbenchError:
-        return None
-    return int(value) if value else None
+model_max_len = max_context  # the name engine plugins use
 
 
 def checkpoint_dtype(model: ModelRef) -> str:
@@ -82,6 +77,8 @@ class ServerBackend(Backend):
     health_paths: tuple[str, ...] = ("/health",)
     #: What EngineInfo calls the engine (default: the backend's name).
     engine_name: str = ""
+    #: The engine reads the checkpoint directory itself (a llama.cpp server serves a GGUF made from it instead).
+    reads_checkpoint: bool = True
     startup_timeout_s: float = 900
 
     @property
@@ -129,6 +126,10 @@ class ServerBackend(Backend):
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return {"dtype": dtype}
 
+    def devices_used(self, options: Mapping[str, Any]) -> int | None:
+        """tp x pp x dp of the options (1 each when unset)."""
+        return int(options.get("tp") or 1) * int(options.get("pp") or 1) * int(options.get("dp") or 1)
+
     def parse(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options validated and typed, defaults filled in."""
         return self.validate_options(options)
@@ -161,10 +162,31 @@ class ServerBackend(Backend):
         """Options the run decides (dtype, context, batch, KV space) where the user did not."""
         return {}
 
+    def decide(self, opts: Mapping[str, Any], decided: Mapping[str, Any]) -> dict[str, Any]:
+        """The options with what ``settings`` decided, wherever the user left an option unset or at its default."""
+        fields = self.option_model().model_fields
+        untouched = {k for k in decided if opts.get(k) is None or (k in fields and opts[k] == fields[k].default)}
+        return {**opts, **{k: decided[k] for k in untouched}}
+
     def served_dtype(self, model: ModelRef, opts: Mapping[str, Any]) -> str | None:
         """The weight dtype the launched engine holds: the dtype option, which ``settings`` sets to the
         checkpoint's when the user did not."""
         return str(opts.get("dtype") or checkpoint_dtype(model))
+
+    def served_kv_dtype(self, opts: Mapping[str, Any]) -> str | None:
+        """The KV-cache dtype the engine runs with these options (its ``kv_cache_dtype``; None: the weights')."""
+        kv = str(opts.get("kv_cache_dtype") or "auto")
+        return None if kv == "auto" else "fp8" if kv.startswith("fp8") else kv
+
+    def served_weight_bytes(self, model: ModelRef, opts: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Bytes per weight by class where one dtype does not say them: a checkpoint's quantization_config."""
+        from capbench_core.analytics.weights import from_quantization
+
+        try:
+            found = from_quantization(read_config(model.path), str(self.served_dtype(model, opts) or "bfloat16"))
+        except CapbenchError:
+            return None
+        return found.record() if found else None
 
     def reported_dtype(self, base_url: str) -> str | None:
         """The weight dtype an attached server says it serves, None when it does not say."""
@@ -230,8 +252,9 @@ class ServerBackend(Backend):
             yield self._attached(model, opts, counter)
             return
         found = self.resolve(opts)
-        decided = self.settings(model, opts, shape, found)
-        opts = {**opts, **{k: v for k, v in decided.items() if opts.get(k) is None}}
+        if model.path.is_dir() and self.reads_checkpoint:  # class names as engines know them (engine_view)
+            model = replace(model, path=engine_view(model.path))
+        opts = self.decide(opts, self.settings(model, opts, shape, found))
         self.check_memory(model, opts)
         with self._launched(model, opts, shape, found, counter) as session:
             yield session
@@ -248,6 +271,7 @@ class ServerBackend(Backend):
     def _launched(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape, found: Resolved,
                   counter: Any) -> Iterator[Session]:
         from capbench_core.serving.launcher import free_port, launch, run_log_dir
+        from capbench_core.serving.openai_client import OpenAISession
 
         port = free_port()
         argv = self.command(found, model, port, opts, shape)
@@ -261,10 +285,14 @@ class ServerBackend(Backend):
                               {"argv": argv, "env": env, "log": str(server.log_path), **self.launch_record(opts)},
                               package=found.package, package_version=found.version,
                               variant=self.variant(found, server.log_path), executable=found.executable,
-                              installed_from=found.origin, weight_dtype=self.served_dtype(model, opts))
+                              installed_from=found.origin, weight_dtype=self.served_dtype(model, opts),
+                              kv_dtype=self.served_kv_dtype(opts), weight_bytes=self.served_weight_bytes(model, opts))
             name = str(opts.get("served_model") or model.name)
-            yield self.session(server.base_url, name, info, counter, self.probe(server.base_url, opts, run_dir),
-                               opts)
+            session = self.session(server.base_url, name, info, counter, self.probe(server.base_url, opts, run_dir),
+                                   opts)
+            if isinstance(session, OpenAISession):
+                session.engine_process = server
+            yield session
 
 
 def get_json(url: str) -> dict[str, Any] | None:

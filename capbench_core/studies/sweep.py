@@ -216,6 +216,8 @@ def _check_names(path: Path, text: str, spec: SweepFile, known: Mapping[str, lis
         values += list(fixed) if isinstance(fixed, tuple) else [fixed] if fixed else []
         names = known.get(axis, [])
         for value in values:
+            if axis == "model" and _is_checkpoint(path, text, value, spec.fixed.revision):
+                continue
             if names and value not in names and not (axis == "task" and value.split(":")[0] in names):
                 import difflib
 
@@ -227,6 +229,21 @@ def _check_names(path: Path, text: str, spec: SweepFile, known: Mapping[str, lis
         if known.get("backend") and backend not in known["backend"]:
             raise CapbenchError(f"{_where(path, text, backend)}: resources for unknown backend {backend!r}; "
                                 f"allowed: {', '.join(sorted(known['backend']))}")
+
+
+def _is_checkpoint(path: Path, text: str, value: str, revision: str | None) -> bool:
+    """A model given as a path or a Hugging Face id (which must then be in the local cache)."""
+    from capbench_core.analytics.checkpoint import HUB_ID, hub_snapshot
+
+    if Path(value).expanduser().exists():
+        return True
+    if not HUB_ID.match(value):
+        return False
+    try:
+        hub_snapshot(value, revision)
+    except CapbenchError as exc:
+        raise CapbenchError(f"{_where(path, text, 'model', value)}: {exc}") from None
+    return True
 
 
 def _expand(spec: SweepFile) -> Iterator[Cell]:

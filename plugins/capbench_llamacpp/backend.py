@@ -17,11 +17,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import field_validator
 
+from capbench_core.analytics.checkpoint import chat_template
+from capbench_core.analytics.weights import GGML_KV, from_gguf
 from capbench_core.contract.backend import (
     UNKNOWN_SHAPE,
     Availability,
@@ -32,17 +35,20 @@ from capbench_core.contract.backend import (
     Request,
     Session,
     TokenChunk,
+    Usage,
     drain,
 )
 from capbench_core.contract.options import BackendOptions, option
 from capbench_core.contract.records import HardwareSpec
 from capbench_core.errors import CapbenchError
-from capbench_llamacpp.gguf_export import GGUF_TYPES, ensure_gguf, llama_log_to
+from capbench_core.serving.launcher import found_error
+from capbench_llamacpp.convert import auto_type, ensure_gguf
+from capbench_llamacpp.gguf_export import GGUF_TYPES, llama_log_to
 
 AMX_CRASH = ("off: llama.cpp's AMX matrix kernels crash on this AMX CPU with quantized weights "
              "(ggml-org/llama.cpp#20824); repack=on turns it back on")
 GGML_TYPES = {"f32": 0, "f16": 1}
-WEIGHT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "q8_0", "q4_k_m": "q4_k"}
+WEIGHT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "q8_0", "q4_k_m": "q4_k"}
 BAN = -1e9
 GGUF_FOR_DTYPE = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -80,12 +86,19 @@ def gguf_file_dtype(path: Path) -> str | None:
         return None
 
 
-def gguf_weight_dtype(opts: Mapping[str, Any]) -> str | None:
-    """The weight dtype the served GGUF holds: a user's own ``gguf=`` file says it in its metadata; an export
-    is of ``gguf_type``."""
-    if opts.get("gguf"):
-        return gguf_file_dtype(Path(str(opts["gguf"])))
-    return WEIGHT_DTYPE[opts["gguf_type"]]
+def gguf_weight_dtype(gguf: Path) -> str | None:
+    """The weight dtype the served GGUF holds, as its metadata says (a user's file, or one capbench made)."""
+    return gguf_file_dtype(gguf)
+
+
+def planned_gguf_dtype(model: ModelRef, options: Mapping[str, Any]) -> str | None:
+    """The weight dtype the GGUF will hold, before it is made (a user's GGUF: as its metadata says)."""
+    if options.get("gguf"):
+        return gguf_file_dtype(Path(str(options["gguf"])))
+    if model.path.suffix == ".gguf":
+        return gguf_file_dtype(model.path)
+    gguf_type = auto_type(model.path) if options.get("gguf_type", "auto") == "auto" else options["gguf_type"]
+    return WEIGHT_DTYPE.get(str(gguf_type))
 
 
 def gguf_dtype_options(dtype: str) -> dict[str, str] | None:
@@ -96,10 +109,12 @@ def gguf_dtype_options(dtype: str) -> dict[str, str] | None:
 class LlamaCppOptions(BackendOptions):
     """The GGUF and llama.cpp options both llama.cpp backends take."""
 
-    gguf_type: str = option("f32 | bf16 | q8_0 | q4_k_m: the GGUF the checkpoint is exported to", "f32")
+    gguf_type: str = option("auto | f32 | bf16 | f16 | q8_0 | q4_k_m: the GGUF the checkpoint is converted to (auto: "
+                            "its own precision, f32 for float32 weights, bf16 for bfloat16)", "auto")
     gguf: str | None = option("path of a GGUF file to serve instead of exporting the model")
     threads: int | None = option("llama.cpp threads (default: all cores)", ge=1)
-    n_ctx: int | None = option("context size (default: the model's training context, at most 512)", ge=1)
+    n_ctx: int | None = option("context size (default: the run's longest prompt + output, at most the model's "
+                               "training context)", ge=1)
     n_batch: int = option("prompt batch size", 512, ge=1)
     kv_type: str = option("f32 | f16 KV cache (f32 by default, so logits match the F32 reference)", "f32")
     repack: str = option("auto | on | off: llama.cpp's weight repacking into CPU-specific layouts (auto: off on "
@@ -109,7 +124,7 @@ class LlamaCppOptions(BackendOptions):
     @field_validator("gguf_type")
     @classmethod
     def _gguf_type(cls, value: str) -> str:
-        if value not in GGUF_TYPES:
+        if value != "auto" and value not in GGUF_TYPES:
             raise ValueError(f"unsupported GGUF type {value!r}; supported: {', '.join(GGUF_TYPES)}")
         return value
 
@@ -191,12 +206,16 @@ def gguf_cache() -> Path:
 
 
 def resolve_gguf(model: ModelRef, opts: Mapping[str, Any]) -> Path:
+    """The GGUF to serve: ``gguf=PATH``, the model when it is a GGUF file, else the checkpoint converted (once)."""
     if opts["gguf"]:
         path = Path(opts["gguf"])
         if not path.is_file():
             raise CapbenchError(f"GGUF file {path} does not exist (option gguf=...)")
         return path
-    return ensure_gguf(model.path, opts["gguf_type"], gguf_cache())
+    if model.path.suffix == ".gguf":
+        return model.path
+    gguf_type = auto_type(model.path) if opts["gguf_type"] == "auto" else opts["gguf_type"]
+    return ensure_gguf(model.path, gguf_type, gguf_cache())
 
 
 def _available() -> Availability:
@@ -214,9 +233,10 @@ class LlamaCppSession(Session):
 
     serial_decode = True  # one sequence at a time: the runner derives batch-1 decode steps
 
-    def __init__(self, llm: Any, engine: EngineInfo):
+    def __init__(self, llm: Any, engine: EngineInfo, model_path: Path):
         self.llm = llm
         self.engine = engine
+        self.model_path = model_path
         self._eos = int(llm.token_eos())
         self._jobs: queue.Queue[tuple[Request, Any] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="llamacpp-worker", daemon=True)
@@ -251,26 +271,32 @@ class LlamaCppSession(Session):
             for token in self.llm.generate(prompt, top_k=0, top_p=s.top_p, min_p=0.0, temp=s.temperature,
                                            repeat_penalty=s.repetition_penalty,
                                            logits_processor=[self._ban_eos] if req.ignore_eos else None):
-                if token == self._eos and not req.ignore_eos:
-                    put(TokenChunk(text=decoder.decode(b"", final=True), num_tokens=1, finish_reason="stop",
-                                   emitted_ns=time.perf_counter_ns()))
-                    break
-                piece = decoder.decode(self.llm.detokenize([token], prev_tokens=prompt + done))
                 done.append(token)
-                cut = _stop_at(text + piece, req.stop)
-                if cut is not None:
-                    put(TokenChunk(text=cut[len(text):], num_tokens=1, finish_reason="stop",
-                                   emitted_ns=time.perf_counter_ns()))
+                chunk, finished = self._chunk(req, token, text, decoder, prompt, done)
+                put(chunk)
+                if finished:
                     break
-                text += piece
-                last = len(done) >= req.max_tokens
-                put(TokenChunk(text=piece + (decoder.decode(b"", final=True) if last else ""), num_tokens=1,
-                               finish_reason="length" if last else None, emitted_ns=time.perf_counter_ns()))
-                if last:
-                    break
+                text += chunk.text
+            put(TokenChunk(text="", num_tokens=0, usage=Usage(len(prompt), len(done), "engine")))
             put(None)
         except Exception as exc:  # delivered to the request, not raised on the worker thread
             put(exc)
+
+    def _chunk(self, req: Request, token: int, text: str, decoder: Any, prompt: list[int],
+               done: list[int]) -> tuple[TokenChunk, bool]:
+        """The chunk one generated token makes (its text, cut at a stop string), and whether it ends the request:
+        EOS (unless ignored), a stop string, or max_tokens."""
+        now = time.perf_counter_ns()
+        if token == self._eos and not req.ignore_eos:
+            return TokenChunk(text=decoder.decode(b"", final=True), num_tokens=1, finish_reason="stop",
+                              emitted_ns=now), True
+        piece = decoder.decode(self.llm.detokenize([token], prev_tokens=prompt + done[:-1]))
+        cut = _stop_at(text + piece, req.stop)
+        if cut is not None:
+            return TokenChunk(text=cut[len(text):], num_tokens=1, finish_reason="stop", emitted_ns=now), True
+        last = len(done) >= req.max_tokens
+        return TokenChunk(text=piece + (decoder.decode(b"", final=True) if last else ""), num_tokens=1,
+                          finish_reason="length" if last else None, emitted_ns=now), last
 
     def _ban_eos(self, input_ids: Any, scores: Any) -> Any:
         scores[self._eos] = BAN
@@ -279,6 +305,8 @@ class LlamaCppSession(Session):
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[TokenChunk | BaseException | None] = asyncio.Queue()
+        if request.chat:  # the model's chat template, rendered here as a server would
+            request = replace(request, prompt=chat_template(self.model_path).render(request.prompt), chat=False)
         self._jobs.put((request, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)))
         async for chunk in drain(inbox):
             yield chunk
@@ -301,6 +329,9 @@ class LlamaCppBackend(Backend):
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return gguf_dtype_options(dtype)
 
+    def planned_dtype(self, model: ModelRef, options: Mapping[str, Any]) -> str | None:
+        return planned_gguf_dtype(model, options)
+
     def available(self) -> Availability:
         return _available()
 
@@ -314,7 +345,7 @@ class LlamaCppBackend(Backend):
         opts = self.validate_options(options)
         gguf = resolve_gguf(model, opts)
         kv = GGML_TYPES[opts["kv_type"]]
-        n_ctx = opts["n_ctx"] or min(512, gguf_context_length(gguf) or 512)
+        n_ctx = opts["n_ctx"] or shape.context_for(gguf_context_length(gguf)) or 512
         log = run_log_dir() / f"llamacpp-{os.getpid()}-{time.time_ns()}.log"
         repack, repack_why = repack_setting(opts["repack"])
         with llama_log_to(log):
@@ -323,14 +354,16 @@ class LlamaCppBackend(Backend):
                     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=opts["n_batch"],
                                           n_threads=opts["threads"], type_k=kv, type_v=kv, verbose=False)
             except ValueError as exc:
-                raise CapbenchError(f"llama.cpp could not load {gguf}: {exc} (its log: {log})") from None
+                raise CapbenchError(f"llama.cpp could not load {gguf}: {found_error(log) or exc} (its log: {log})") \
+                    from None
             info = EngineInfo("llama.cpp", f"llama-cpp-python {llama_cpp.__version__}",
                               {**opts, "n_ctx": n_ctx, "gguf": str(gguf), "threads": llm.context_params.n_threads,
                                "log": str(log), "repack": repack_why},
                               package="llama-cpp-python", package_version=llama_cpp.__version__,
                               variant=f"in-process (llama.cpp {ggml_commit(llama_cpp)}, vendored in its sdist)",
-                              weight_dtype=gguf_weight_dtype(opts))
-            session = LlamaCppSession(llm, info)
+                              weight_dtype=gguf_weight_dtype(gguf), kv_dtype=GGML_KV[opts["kv_type"]],
+                              weight_bytes=from_gguf(gguf).record())
+            session = LlamaCppSession(llm, info, model.path)
             try:
                 yield session
             finally:

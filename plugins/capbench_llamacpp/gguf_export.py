@@ -1,9 +1,12 @@
-"""Export a Hub-layout Qwen3-MoE checkpoint to GGUF, and quantise it with llama.cpp.
+"""The embedded tiny MoE's GGUF, and llama.cpp's quantiser library call.
 
-F32 is written with the `gguf` package (tensor names and metadata keys of
-llama.cpp's `qwen3moe` architecture); quantised types are made from the F32
-file by llama.cpp's own quantiser (`llama_model_quantize`), so the bits are
-exactly what llama.cpp itself would produce.
+Checkpoints are converted by llama.cpp's own converter (``convert.py``). The
+one exception is a checkpoint with capbench's own byte-level BPE tokenizer (the
+embedded tiny MoE, and random-init models made from it), which the converter
+does not recognise: for those few-MB Qwen3-MoE checkpoints this module writes
+the F32 GGUF with the `gguf` package (llama.cpp's `qwen3moe` tensor names and
+metadata keys). Quantised types of it come from llama.cpp's own quantiser
+(`llama_model_quantize`), so the bits are what llama.cpp itself produces.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capbench_core.analytics.checkpoint import read_config
 from capbench_core.errors import CapbenchError
 
 if TYPE_CHECKING:
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 GGUF_TYPES: dict[str, str] = {
     "f32": "ALL_F32",
     "bf16": "MOSTLY_BF16",
+    "f16": "MOSTLY_F16",
     "q8_0": "MOSTLY_Q8_0",
     "q4_k_m": "MOSTLY_Q4_K_M",
 }
@@ -73,7 +78,7 @@ def export_f32(model_dir: Path, out: Path) -> Path:
     import gguf
     import numpy as np
 
-    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = read_config(model_dir)
     if cfg.get("model_type") != "qwen3_moe":
         raise CapbenchError(f"GGUF export supports model_type qwen3_moe; {model_dir} is {cfg.get('model_type')!r}")
     t = _tensors(model_dir)
@@ -159,30 +164,3 @@ def quantize(src: Path, out: Path, gguf_type: str, threads: int = 0) -> Path:
         raise CapbenchError(f"llama.cpp could not quantise {src} to {gguf_type} (return code {rc}; log: {log})")
     tmp.replace(out)
     return out
-
-
-def ensure_gguf(model_dir: Path, gguf_type: str, cache_dir: Path) -> Path:
-    """The GGUF file for (model, type): shipped next to the model, else built once into cache_dir."""
-    if gguf_type not in GGUF_TYPES:
-        raise CapbenchError(f"unsupported GGUF type {gguf_type!r}; supported: {', '.join(GGUF_TYPES)}")
-    shipped = model_dir / f"{model_dir.name}-{gguf_type}.gguf"
-    if shipped.is_file():
-        return shipped
-    stamp = _stamp(model_dir)
-    target = cache_dir / f"{model_dir.name}-{stamp}-{gguf_type}.gguf"
-    if target.is_file():
-        return target
-    f32 = cache_dir / f"{model_dir.name}-{stamp}-f32.gguf"
-    if not f32.is_file():
-        export_f32(model_dir, f32)
-    return f32 if gguf_type == "f32" else quantize(f32, target, gguf_type)
-
-
-def _stamp(model_dir: Path) -> str:
-    """Content stamp of the checkpoint, so a rebuilt model gets new GGUF files."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for file in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json", model_dir / "tokenizer.json"]:
-        h.update(file.read_bytes())
-    return h.hexdigest()[:12]

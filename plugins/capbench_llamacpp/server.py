@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core.analytics.figures import engine_decode_steps
+from capbench_core.analytics.weights import GGML_KV, from_gguf
 from capbench_core.contract.backend import (
     Availability,
     DecodeSource,
@@ -51,13 +52,14 @@ from capbench_llamacpp.backend import (
     gguf_dtype_options,
     gguf_file_dtype,
     gguf_weight_dtype,
+    planned_gguf_dtype,
     repack_setting,
     resolve_gguf,
 )
 
 SOURCE_PACKAGE = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"   # its sdist vendors llama.cpp; keep equal to the in-process backend's version
-TOOLS = ("llama-server", "llama-bench")
+TOOLS = ("llama-server", "llama-bench", "llama-quantize")
 #: The shared libraries llama-cpp-python loads (llama_cpp/lib), built with the tools.
 LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "mtmd")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -116,17 +118,17 @@ class LlamaServerOptions(LlamaCppOptions, ServerOptions):
 
 class LlamaCppRecipe(Recipe):
     name = "llama.cpp"
-    description = "llama.cpp's llama-server and llama-bench, built from source"
+    description = "llama.cpp's llama-server, llama-bench and llama-quantize, built from source"
     override_env = "CAPBENCH_LLAMA_SERVER"
     override_option = "server_binary"
     packages: dict[EngineDevice, str] = {"cpu": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist)",
-                                   "cuda": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist, CUDA)"}
+                                         "cuda": f"llama.cpp from {SOURCE_PACKAGE}=={SOURCE_VERSION} (sdist, CUDA)"}
 
     def steps(self, device: EngineDevice) -> list[Step]:
         return [
             Step(f"fetch llama.cpp's source ({SOURCE_PACKAGE} {SOURCE_VERSION} sdist from PyPI)", 60, _fetch),
             Step("configure (CMake, native CPU ISA" + (", CUDA)" if device == "cuda" else ")"), 20, _configure),
-            Step(f"compile {' and '.join(TOOLS)} and llama.cpp's shared libraries on {os.cpu_count()} cores", 360,
+            Step(f"compile {', '.join(TOOLS)} and llama.cpp's shared libraries on {os.cpu_count()} cores", 360,
                  _compile),
             Step("keep the binaries, libraries and sdist, drop the build tree", 2, _keep_binaries),
         ]
@@ -221,6 +223,7 @@ class LlamaCppServerBackend(ServerBackend):
     Options = LlamaServerOptions
     engine_name = "llama.cpp server"
     startup_timeout_s = 300
+    reads_checkpoint = False
 
     def resolve(self, options: Mapping[str, Any]) -> Resolved:
         return server_binary(options)
@@ -236,6 +239,9 @@ class LlamaCppServerBackend(ServerBackend):
 
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return gguf_dtype_options(dtype)
+
+    def planned_dtype(self, model: ModelRef, options: Mapping[str, Any]) -> str | None:
+        return planned_gguf_dtype(model, options)
 
     def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
                  found: Resolved) -> dict[str, Any]:
@@ -268,7 +274,13 @@ class LlamaCppServerBackend(ServerBackend):
         return argv + shlex.split(str(opts.get("extra_args") or ""))
 
     def served_dtype(self, model: ModelRef, opts: Mapping[str, Any]) -> str | None:
-        return gguf_weight_dtype(opts)
+        return gguf_weight_dtype(Path(str(opts["gguf"])))
+
+    def served_kv_dtype(self, opts: Mapping[str, Any]) -> str | None:
+        return GGML_KV.get(str(opts.get("cache_type_k") or opts["kv_type"]))
+
+    def served_weight_bytes(self, model: ModelRef, opts: Mapping[str, Any]) -> dict[str, Any] | None:
+        return from_gguf(Path(str(opts["gguf"]))).record()
 
     def attached_dtype(self, opts: Mapping[str, Any], base_url: str) -> str | None:
         """The GGUF named by ``gguf=`` when given, else the one the server reports."""

@@ -18,6 +18,7 @@ server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR) to get measured A.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from capbench_core.contract.backend import LoadShape, ModelRef
 from capbench_core.contract.engine_env import TORCH_CPU_PIN, Context, EngineDevice, Recipe, Step, venv_steps
 from capbench_core.contract.options import flag, option
 from capbench_core.contract.registry import BackendRegistry, EngineRegistry
+from capbench_core.errors import CapbenchError
 from capbench_core.serving.environments import Resolved
 from capbench_core.serving.scrape import EngineProbe, ExpertRecorder, MetricTable
 from capbench_core.serving.server_backend import ServerBackend, ServerOptions, checkpoint_dtype, get_json, model_max_len
@@ -103,6 +105,18 @@ def _cpu_requirements(ctx: Context) -> None:
     ctx.pip("install", "-c", str(constraints), *CPU_REQUIREMENTS)
 
 
+def refresh_shim(python: Path) -> None:
+    """The start-up patches of this capbench into an SGLang environment it installed earlier (an environment
+    kept from an older capbench would otherwise run older patches)."""
+    site = sorted(python.absolute().parent.parent.glob("lib/python3*/site-packages"))
+    if not site:
+        return
+    target = site[-1] / "sitecustomize.py"
+    packaged = (SHIM / "sitecustomize.py").read_bytes()
+    if not target.is_file() or target.read_bytes() != packaged:
+        target.write_bytes(packaged)
+
+
 def _install_shim(ctx: Context) -> None:
     """sitecustomize always; the sgl_kernel stand-in only where no real sgl-kernel is importable."""
     site = Path(ctx.run([str(ctx.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
@@ -116,6 +130,29 @@ def _install_shim(ctx: Context) -> None:
     ctx.details["variant"] = TORCH_NATIVE
 
 
+def recorder_unsupported(found: Resolved, model: ModelRef) -> str | None:
+    """Why SGLang's expert-distribution recorder cannot run for this model, None when it can (or when the
+    installation cannot be read to tell). The recorder needs ExpertLocationMetadata, which only model classes
+    defining ``get_model_config_for_expert_location`` provide (SGLang asserts at start-up otherwise)."""
+    from capbench_core.analytics.checkpoint import read_config
+
+    try:
+        archs = [str(a) for a in read_config(model.path).get("architectures") or []]
+    except CapbenchError:
+        return None
+    site = sorted(Path(found.executable).absolute().parent.parent.glob("lib/python3*/site-packages/sglang/srt/models"))
+    if not archs or not site:
+        return None
+    for file in site[-1].glob("*.py"):
+        text = file.read_text(errors="replace")
+        entry = text[text.rfind("EntryClass"):]
+        if any(re.search(rf"\b{re.escape(a)}\b", entry) for a in archs):
+            return None if "get_model_config_for_expert_location" in text else (
+                f"SGLang's {file.stem} model provides no ExpertLocationMetadata, which its recorder needs; A is the "
+                f"uniform-routing estimate")
+    return None
+
+
 def cpu_env(device: str) -> dict[str, str]:
     return {"SGLANG_USE_CPU_ENGINE": "1", "CAPBENCH_SGLANG_CPU_SHIM": "1"} if device == "cpu" else {}
 
@@ -124,7 +161,8 @@ class SGLangOptions(ServerOptions):
     """SGLang's own flags (docs/engines.md gives the sources); anything else goes through ``extra_args``."""
 
     dtype: str | None = flag("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)")
-    context_length: int | None = flag("--context-length", "context length (default: the model's)", ge=1)
+    context_length: int | None = flag("--context-length", "context length (default: the run's longest prompt + "
+                                                          "output, at most the model's)", ge=1)
     max_running_requests: int | None = flag("--max-running-requests", "max requests decoded together (default: "
                                             "the run's highest concurrency)", ge=1)
     max_total_tokens: int | None = flag("--max-total-tokens", "KV pool size in tokens (default: running requests "
@@ -162,19 +200,28 @@ class SGLangBackend(ServerBackend):
 
     def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
                  found: Resolved) -> dict[str, Any]:
-        """dtype and context from the checkpoint, batch from the run, and a KV pool sized for them
-        (without it SGLang sizes the pool from free memory: ~15 GB and 155 s of start-up here)."""
+        """dtype from the checkpoint; context (the run's longest prompt + output, at most the model's) and batch
+        from the run, and a KV pool sized for them (without it SGLang sizes the pool from free memory: ~15 GB and
+        155 s of start-up here)."""
         running = int(opts.get("max_running_requests") or shape.max_concurrency)
-        context = int(opts.get("context_length") or model_max_len(model) or 0) or None
+        context = int(opts.get("context_length") or shape.context_for(model_max_len(model)) or 0) or None
         out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_running_requests": running,
                                "device": found.device}
         if context:
             out["context_length"] = context
             out["max_total_tokens"] = 2 * running * context
+        missing = recorder_unsupported(found, model)
+        if missing and opts.get("recorder"):
+            out["recorder"], out["recorder_off"] = "", f"off: {missing}"
         return out
 
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
+        if found.device == "cpu" and found.origin.startswith("environment"):
+            refresh_shim(Path(found.executable))
         return {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(run_dir / "experts"), **cpu_env(found.device)}
+
+    def launch_record(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        return {"expert_recorder": opts.get("recorder") or opts.get("recorder_off", "off")}
 
     def probe(self, base_url: str, opts: Mapping[str, Any], run_dir: Path | None) -> EngineProbe:
         directory = run_dir / "experts" if run_dir else (Path(opts["recorder_dir"]) if opts.get("recorder_dir")

@@ -103,6 +103,7 @@ def _data(options: Mapping[str, Any], task: str) -> Path:
 
 class GSM8KTask(Task):
     name = "gsm8k"
+    supports_chat = True
     description = "GSM8K-format JSONL (question, answer '#### N'): strict and flexible exact match, few-shot"
 
     def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
@@ -147,6 +148,7 @@ def _mmlu_block(row: dict[str, Any], with_answer: bool) -> str:
 
 class MMLUTask(Task):
     name = "mmlu"
+    supports_chat = True
     description = "MMLU-format JSONL (question, choices or A-D, answer): letter choice, few-shot"
 
     def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:

@@ -53,6 +53,7 @@ class RandomTask(Task):
 
     name = "random"
     description = "synthetic random prompts, seeded; input/output lengths set by task options"
+    supports_chat = True
 
     def build(self, model: ModelRef, num_requests: int, options: Mapping[str, Any]) -> Workload:
         seed = _int_option(options, "seed", 0)

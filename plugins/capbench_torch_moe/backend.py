@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from capbench_core.analytics.checkpoint import max_context, stored_dtype
 from capbench_core.contract.backend import (
     UNKNOWN_SHAPE,
     Availability,
@@ -24,11 +25,21 @@ DTYPES = ("float32", "bfloat16")
 
 
 class TorchMoEOptions(BackendOptions):
-    dtype: Literal["float32", "bfloat16"] = option("weight and activation dtype", "float32")
-    max_batch: int = option("sequences decoded together", 64, ge=1)
-    max_model_len: int | None = option("KV cache length per sequence (default: the model's, at most 4096)",
-                                       ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "weight and activation dtype (auto: the checkpoint's own, as its weights are stored)", "auto")
+    max_batch: int | None = option("sequences decoded together (default: the run's highest concurrency)", ge=1)
+    max_model_len: int | None = option("KV cache length per sequence (default: the run's longest prompt + "
+                                       "output, at most the model's)", ge=1)
     threads: int | None = option("torch threads (default: all cores)", ge=1)
+
+
+def served_dtype(model: ModelRef, asked: str) -> str:
+    """``auto``: the dtype the checkpoint stores its weights in (float32 stays float32, bfloat16 stays bfloat16;
+    anything else, e.g. float16 or quantized, runs in bfloat16)."""
+    if asked != "auto":
+        return asked
+    stored = stored_dtype(model.path)
+    return stored if stored in DTYPES else "bfloat16"
 
 
 class TorchMoEBackend(Backend):
@@ -39,6 +50,9 @@ class TorchMoEBackend(Backend):
 
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return {"dtype": dtype} if dtype in DTYPES else None
+
+    def planned_dtype(self, model: ModelRef, options: Mapping[str, Any]) -> str | None:
+        return served_dtype(model, str(options.get("dtype") or "auto")) if model.path.is_dir() else None
 
     def available(self) -> Availability:
         if importlib.util.find_spec("torch") is None:
@@ -55,6 +69,12 @@ class TorchMoEBackend(Backend):
         from capbench_torch_moe.model import load_hf
 
         opts = self.validate_options(options)
+        if model.path.suffix == ".gguf":
+            raise CapbenchError("torch_moe loads safetensors checkpoints, and this model is a GGUF file (llamacpp and "
+                                "llamacpp_server serve it)")
+        opts["dtype"] = served_dtype(model, opts["dtype"])
+        opts["max_batch"] = opts["max_batch"] or shape.max_concurrency
+        opts["max_model_len"] = opts["max_model_len"] or shape.context_for(max_context(model))
         tok_file = model.path / "tokenizer.json"
         if not tok_file.is_file():
             raise CapbenchError(f"{tok_file} is missing: torch_moe needs the model's tokenizer.json")
@@ -65,6 +85,6 @@ class TorchMoEBackend(Backend):
                           {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads},
                           weight_dtype=opts["dtype"])
         try:
-            yield TorchMoESession(engine, info)
+            yield TorchMoESession(engine, info, model.path)
         finally:
             engine.close()

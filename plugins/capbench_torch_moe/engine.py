@@ -15,12 +15,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from capbench_core.contract.backend import DecodeStep, ExpertActivation, Request, Session, TokenChunk, drain
+from capbench_core.analytics.checkpoint import chat_template
+from capbench_core.contract.backend import DecodeStep, ExpertActivation, Request, Session, TokenChunk, Usage, drain
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 
@@ -240,18 +242,23 @@ class Engine:
             self.cache.move(last, slot, self._live[last].length)
             self._live[slot] = self._live[last]
         self._live.pop()
+        self._emit(seq, TokenChunk(text="", num_tokens=0, usage=Usage(len(seq.prompt_ids), len(seq.generated),
+                                                                       "engine")))
         self._emit(seq, None)
 
 
 class TorchMoESession(Session):
     """Session over an Engine: asyncio streaming, token counts, activation records."""
 
-    def __init__(self, engine: Engine, engine_info: Any):
+    def __init__(self, engine: Engine, engine_info: Any, model_path: Path | None = None):
         self._engine = engine
         self.engine = engine_info
+        self.model_path = model_path or Path(".")
 
     async def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         inbox: asyncio.Queue[Item] = asyncio.Queue()
+        if request.chat:  # the model's chat template, rendered here as a server would
+            request = replace(request, prompt=chat_template(self.model_path).render(request.prompt), chat=False)
         self._engine.submit(request, Channel(asyncio.get_running_loop(), inbox))
         async for chunk in drain(inbox):
             yield chunk

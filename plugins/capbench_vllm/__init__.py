@@ -95,7 +95,8 @@ class VLLMOptions(ServerOptions):
     """vLLM's own flags (docs/engines.md gives the sources); anything else goes through ``extra_args``."""
 
     dtype: str | None = flag("--dtype", "weights/activations dtype (default: the checkpoint's, e.g. bfloat16)")
-    max_model_len: int | None = flag("--max-model-len", "context length (default: the model's)", ge=1)
+    max_model_len: int | None = flag("--max-model-len", "context length (default: the run's longest prompt + "
+                                                        "output, at most the model's)", ge=1)
     max_num_seqs: int | None = flag("--max-num-seqs", "max sequences per batch (default: the run's highest "
                                                       "concurrency)", ge=1)
     kv_cache_memory_bytes: int | None = flag("--kv-cache-memory-bytes", "KV cache size (default on CPU: the "
@@ -134,9 +135,10 @@ class VLLMBackend(ServerBackend):
 
     def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
                  found: Resolved) -> dict[str, Any]:
-        """dtype and context from the checkpoint, batch from the run; on CPU, a KV cache sized for them."""
+        """dtype from the checkpoint; context (the run's longest prompt + output, at most the model's) and batch
+        from the run; on CPU, a KV cache sized for them."""
         out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_num_seqs": shape.max_concurrency}
-        max_len = int(opts.get("max_model_len") or model_max_len(model) or 0) or None
+        max_len = int(opts.get("max_model_len") or shape.context_for(model_max_len(model)) or 0) or None
         if max_len:
             out["max_model_len"] = max_len
         if found.device == "cuda":

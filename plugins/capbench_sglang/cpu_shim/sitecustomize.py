@@ -9,9 +9,52 @@ Each patch fills a gap between SGLang 0.5.23 and a CPU-only torch, with the beha
   ``_meta_registrations`` then registers fake kernels for ops that do not exist and the import
   fails ("operator torchvision::nms does not exist"). Registering a fake kernel for an op that
   does not exist is skipped (torchvision's own ``register_meta`` already does this when it has no ops).
+* The shared-expert gate of Qwen2-MoE (``sglang.kernels.ops.elementwise``: sigmoid(h . w) x shared,
+  optionally added to the routed output) is a Triton kernel with no CPU path ("0 active drivers"):
+  its launcher is replaced, when that module is imported, by the same arithmetic in torch (in float32,
+  as the kernel computes).
 """
 
+import importlib.abc
+import importlib.util
 import os
+import sys
+from typing import Any
+
+ELEMENTWISE = "sglang.kernels.ops.elementwise.elementwise"
+
+
+def _launch_fused_gate_sigmoid_mul(hidden_states: Any, gate_weight: Any, shared_output: Any, output: Any, *,
+                                   do_add: bool) -> None:
+    """output[t] = sigmoid(hidden_states[t] . gate_weight) x shared_output[t] (+ output[t] when do_add)."""
+    gate = (hidden_states.float() @ gate_weight.float()).sigmoid().unsqueeze(-1)
+    result = gate * shared_output.float()
+    if do_add:
+        result += output.float()
+    output.copy_(result.to(output.dtype))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Patches a module right after it is first imported (before its names are imported elsewhere)."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != ELEMENTWISE:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            module._launch_fused_gate_sigmoid_mul = _launch_fused_gate_sigmoid_mul
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def _patch() -> None:
@@ -41,3 +84,4 @@ def _patch() -> None:
 
 if os.environ.get("CAPBENCH_SGLANG_CPU_SHIM") == "1":
     _patch()
+    sys.meta_path.insert(0, _AfterImport())
