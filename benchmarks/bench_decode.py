@@ -4,8 +4,11 @@ Same checkpoint, same thread count, same greedy decoding, same batch of
 equal-length prompts; each measurement runs in a fresh process. Decode tokens/s = B x (N - 1) / (time(N new tokens) -
 time(1 new token)), so prefill is excluded for both engines. Prints the ratio.
 
-    python benchmarks/bench_decode.py            # tiny MoE and a ~500 MB random-init MoE
+    python benchmarks/bench_decode.py            # tiny MoE, a ~500 MB random-init MoE, five real architectures
     python benchmarks/bench_decode.py --quick    # tiny MoE only
+
+The real architectures are the random small checkpoints the tests build (tests/checkpoints.py: Qwen3-MoE,
+Mixtral, Qwen2-MoE, DeepSeek-V2-Lite's 27 MLA layers, Phi-3.5-MoE; published configs, shrunk widths).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +26,11 @@ import torch
 from capbench_core.contract.backend import Request, SamplingParams
 from capbench_torch_moe.commands import tiny_model_dir
 from capbench_torch_moe.engine import Engine, TorchMoESession
-from capbench_torch_moe.model import load_hf
+from capbench_torch_moe.loading import load_hf
 from capbench_torch_moe.random_init import make_checkpoint
 
 PROMPT = "123+456="
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_random_moe(out: Path, hidden: int, layers: int, experts: int, inter: int) -> Path:
@@ -43,12 +48,13 @@ def time_transformers(path: Path, batch: int, new_tokens: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     ids = tok([PROMPT] * batch, return_tensors="pt").input_ids
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
 
     def gen(n: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=tok.eos_token_id, attention_mask=torch.ones_like(ids))
+                           pad_token_id=pad, attention_mask=torch.ones_like(ids))
         return time.perf_counter() - t0
 
     gen(4)
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--archs", default="qwen3_moe,mixtral,qwen2_moe,deepseek_v2,phimoe",
+                        help="real-architecture test checkpoints to include ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = [("tiny-moe", tiny_model_dir())]
@@ -118,6 +126,10 @@ def main() -> None:
         big = make_random_moe(tmp / "random-moe", hidden=768, layers=4, experts=16, inter=768)
         size_mb = (big / "model.safetensors").stat().st_size / 1e6
         models.append((f"random-moe ({size_mb:.0f} MB f32)", big))
+        sys.path.insert(0, str(ROOT))
+        from tests.checkpoints import build
+
+        models += [(arch, build(arch)) for arch in filter(None, args.archs.split(","))]
     print(f"threads={args.threads}, greedy, {args.new_tokens} new tokens, decode-only tokens/s")
     print(f"{'model':28} {'batch':>5} {'transformers':>13} {'torch_moe':>10} {'ratio':>6}")
     try:

@@ -24,9 +24,6 @@ MEASURED = "measured"
 #: What each cell does on this CPU today: measured, or the engine limit its row must state.
 EXPECTED: dict[tuple[str, str], str] = {
     **{(arch, backend): MEASURED for arch in checkpoints.ARCHS for backend in BACKENDS},
-    ("qwen2_moe", "torch_moe"): "torch_moe cannot run model_type 'qwen2_moe'",
-    ("deepseek_v2", "torch_moe"): "torch_moe cannot run model_type 'deepseek_v2'",
-    ("phimoe", "torch_moe"): "torch_moe cannot run model_type 'phimoe'",
     # SGLang 0.5.23's torch-native MLA on CPU multiplies the latent (kv_lora_rank + rope = 576) where it expects
     # the per-head query size (192)
     ("deepseek_v2", "sglang"): "Expected size for first two dimensions of batch2 tensor",

@@ -149,7 +149,8 @@ def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:
     argv = b.argv(Path("/bin/llama-server"), Path("/m.gguf"), 8080, opts, "tiny-moe", LoadShape(4, 40))
     line = shlex.join(argv)
     for part in ("--n-cpu-moe 2", "--override-tensor exps=CPU", "--n-gpu-layers all", "--cache-type-k q8_0",
-                 "--cache-type-v f32", "--flash-attn on", "--ubatch-size 256", "--parallel 4", "--ctx-size 160",
+                 "--cache-type-v f32", "--flash-attn on", "--ubatch-size 256", "--parallel 4",
+                 "--ctx-size 256",  # 4 slots x (40 tokens + 16 headroom, rounded up to 16)
                  "--metrics"):
         assert part in line, part
     for bad, message in (({"n_cpu_moe": "some"}, "n_cpu_moe='some' is not valid"),

@@ -11,7 +11,7 @@ import torch
 
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.commands import tiny_model_dir
-from capbench_torch_moe.model import load_hf
+from capbench_torch_moe.loading import load_hf
 from tests.conftest import run_cli
 from tests.engines import require_engine
 

@@ -29,7 +29,7 @@ def test_compare_fits_the_width_with_every_cell_whole(stored: str, width: int) -
     assert not ANSI.search(out)  # a pipe gets no colour codes
     assert max(len(line) for line in out.splitlines()) <= width
     assert "…" not in out
-    table_lines = [line for line in out.splitlines() if re.match(r"(torch_moe|llamacpp) +c=\d +float32 ", line)]
+    table_lines = [line for line in out.splitlines() if re.match(r"(torch_moe|llamacpp) +c=\d +bfloat16 ", line)]
     assert len(table_lines) == 4  # `compare | grep torch_moe` finds the rows
     for r in rows:
         line = next(li for li in table_lines if li.startswith(r["backend"] + " ") and f"c={r['concurrency']} " in li)

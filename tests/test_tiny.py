@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from capbench_tasks import arith
 from capbench_torch_moe import tiny as tiny_module
-from capbench_torch_moe.model import load_hf
+from capbench_torch_moe.loading import load_hf
 from tests.conftest import run_cli
 
 

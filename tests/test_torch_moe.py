@@ -11,7 +11,8 @@ import torch
 from capbench_core.contract.backend import Request
 from capbench_core.errors import CapbenchError
 from capbench_torch_moe.engine import Channel, Engine, TorchMoESession
-from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer, load_hf
+from capbench_torch_moe.loading import load_hf
+from capbench_torch_moe.model import ForwardStats, KVCache, MoETransformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,13 +92,7 @@ def test_activation_counts_equal_brute_force_recount(tiny) -> None:
     model = load_hf(tiny.path)
     seen: list[torch.Tensor] = []
     for block in model.blocks:
-        original = block.moe.route
-
-        def spy(x: torch.Tensor, _orig=original) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            seen.append(x.clone())
-            return _orig(x)
-
-        block.moe.route = spy  # type: ignore[method-assign]
+        block.moe.router.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
     cache = KVCache(model.cfg, 4, 32, torch.float32)
     stats = ForwardStats()
     with torch.no_grad():
@@ -109,12 +104,14 @@ def test_activation_counts_equal_brute_force_recount(tiny) -> None:
         model.decode(torch.tensor([1, 2, 3, 4]), torch.tensor([2, 3, 1, 2]), cache, stats)
     assert len(seen) == model.cfg.num_layers
     for layer, (x, block) in enumerate(zip(seen, model.blocks)):
-        experts: set[int] = set()
+        tokens = [0] * model.cfg.num_experts
         w = block.moe.router.weight
         for token in x:  # one token at a time, plain Python ranking
             scores = [float(token @ w[e]) for e in range(model.cfg.num_experts)]
-            experts.update(sorted(range(len(scores)), key=lambda e: -scores[e])[:model.cfg.top_k])
-        assert stats.distinct_experts[layer] == len(experts)
+            for e in sorted(range(len(scores)), key=lambda e: -scores[e])[:model.cfg.top_k]:
+                tokens[e] += 1
+        assert stats.expert_tokens[layer] == tokens
+        assert stats.distinct_experts[layer] == sum(1 for n in tokens if n)
 
 
 def _generate(session: TorchMoESession, requests: list[Request]) -> list[str]:

@@ -161,9 +161,13 @@ def safetensors_header(file: Path) -> dict[str, Any]:
     try:
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if size > file.stat().st_size - 8:
+                raise ValueError(f"its header length {size} runs past the end of the file")
             header: dict[str, Any] = json.loads(f.read(size))
     except (OSError, ValueError) as exc:
         raise CapbenchError(f"{file} is not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise CapbenchError(f"{file} is not a readable safetensors file (its header is not a JSON object)")
     return header
 
 

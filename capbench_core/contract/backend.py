@@ -147,6 +147,9 @@ class DecodeStep:
     context_tokens: int
     distinct_experts: list[float]
     started_ns: int = 0
+    #: per MoE layer, the tokens each routed expert took in this step (empty where the engine cannot tell);
+    #: shared experts take every token and are not listed
+    expert_tokens: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -319,6 +322,11 @@ class Backend:
         every bad option. capbench calls it before any engine starts; ``start`` may call it again."""
         return validate_options(self.name, self.option_model(), options)
 
+    def device_for(self, options: Mapping[str, Any]) -> Literal["cpu", "accelerator"]:
+        """Where a run with these options computes (whose peaks S-MBU/S-MFU divide by, whose memory must fit
+        the model); the class's ``device`` unless an option moves the engine."""
+        return self.device
+
     def devices_used(self, options: Mapping[str, Any]) -> int | None:
         """How many accelerators a run with these options uses (tensor x pipeline x data parallel), so S-MBU and
         S-MFU divide by their peaks and not every visible device's; None: all of them."""
@@ -344,7 +352,7 @@ class Backend:
 #: Optional capabilities by base class, as documented in docs/plugins.md.
 OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
     "Backend": ("description", "device", "Options", "options", "serial_decode", "needs_endpoint", "engine_env",
-                "available_for", "dtype_options", "planned_dtype", "devices_used"),
+                "available_for", "dtype_options", "planned_dtype", "device_for", "devices_used"),
     "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "decode_steps", "failure_cause",
                 "begin_window", "end_window", "expert_pass"),
     "Task": ("scores_externally", "supports_chat", "variant", "evaluate"),

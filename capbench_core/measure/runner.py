@@ -155,7 +155,8 @@ class Runner:
         requests = point.workload.requests
         warm, measured = requests[:config.warmup], requests[config.warmup:]
         warm_phase, main_phase = Phase(), Phase()
-        on_gpu = point.backend.device != "cpu" and any(
+        options = point.run.backend_options[point.backend.name]
+        on_gpu = point.backend.device_for(options) != "cpu" and any(
             d.vendor == "NVIDIA" for d in self.hardware.devices if d.kind == "gpu")
         meter: RaplMeter | NvmlMeter = NvmlMeter() if on_gpu else RaplMeter()
         origin = time.perf_counter_ns()
@@ -217,7 +218,7 @@ class Runner:
             window = DecodeWindow(main.records, main.start_ns, main.end_ns, report, spec)
             found = session.decode_steps(window) or figures.client_decode_steps(window, spec, session.serial_decode)
             options = point.run.backend_options[point.backend.name]
-            peaks = figures.peaks_for(self.hardware, point.backend.device == "cpu", dtype,
+            peaks = figures.peaks_for(self.hardware, point.backend.device_for(options) == "cpu", dtype,
                                       point.backend.devices_used(options))
             figures.efficiency(m, spec, found, result.engine, peaks)
             _, kv_dtype, wb = figures.served_bytes(result.engine)
@@ -271,13 +272,15 @@ def memory_refusal(run: ResolvedRun, backend: Backend, spec: ModelSpec | None, s
     if spec is None or options.get("endpoint"):
         return None
     stored = stored_dtype(run.model.path) if run.model.path.is_dir() else None
+    if run.model.path.is_dir() and stored is None:
+        return None  # no weights to load: the backend's own start-up names what is missing
     dtype = backend.planned_dtype(run.model, options) or stored or "bfloat16"
     if dtype not in DTYPE_BYTES:
         return None
     context = shape.context_for(max_context(run.model)) or 2048
     sequences = 1 if backend.serial_decode else shape.max_concurrency  # one at a time: one sequence's KV
     need = figures.memory_need(spec, dtype, sequences, context)
-    if backend.device == "cpu":
+    if backend.device_for(options) == "cpu":
         free, where = free_host_memory(), "of host memory is free"
     else:
         gpus = free_gpu_memory()

@@ -31,6 +31,8 @@ class TorchMoEOptions(BackendOptions):
     max_model_len: int | None = option("KV cache length per sequence (default: the run's longest prompt + "
                                        "output, at most the model's)", ge=1)
     threads: int | None = option("torch threads (default: all cores)", ge=1)
+    device: str = option("where the model, KV cache and batching run: cpu, cuda or cuda:N", "cpu",
+                         pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
 def served_dtype(model: ModelRef, asked: str) -> str:
@@ -47,6 +49,9 @@ class TorchMoEBackend(Backend):
     device = "cpu"  # S-MBU/S-MFU use the host CPU's peaks
     description = "raw PyTorch MoE execution (continuous batching, router instrumentation)"
     Options = TorchMoEOptions
+
+    def device_for(self, options: Mapping[str, Any]) -> Literal["cpu", "accelerator"]:
+        return "cpu" if str(options.get("device") or "cpu") == "cpu" else "accelerator"
 
     def dtype_options(self, dtype: str) -> dict[str, str] | None:
         return {"dtype": dtype} if dtype in DTYPES else None
@@ -66,12 +71,15 @@ class TorchMoEBackend(Backend):
         from tokenizers import Tokenizer
 
         from capbench_torch_moe.engine import Engine, TorchMoESession
-        from capbench_torch_moe.model import load_hf
+        from capbench_torch_moe.loading import load_hf
 
         opts = self.validate_options(options)
         if model.path.suffix == ".gguf":
             raise CapbenchError("torch_moe loads safetensors checkpoints, and this model is a GGUF file (llamacpp and "
                                 "llamacpp_server serve it)")
+        if opts["device"] != "cpu" and not torch.cuda.is_available():
+            raise CapbenchError(f"torch_moe device={opts['device']}: torch {torch.__version__} sees no CUDA device "
+                                f"(run on a machine with an NVIDIA GPU and a CUDA build of torch, or use device=cpu)")
         opts["dtype"] = served_dtype(model, opts["dtype"])
         opts["max_batch"] = opts["max_batch"] or shape.max_concurrency
         opts["max_model_len"] = opts["max_model_len"] or shape.context_for(max_context(model))
@@ -79,7 +87,8 @@ class TorchMoEBackend(Backend):
         if not tok_file.is_file():
             raise CapbenchError(f"{tok_file} is missing: torch_moe needs the model's tokenizer.json")
         dtype = getattr(torch, opts["dtype"])
-        engine = Engine(lambda: load_hf(model.path, dtype=dtype), Tokenizer.from_file(str(tok_file)),
+        engine = Engine(lambda: load_hf(model.path, dtype=dtype, device=opts["device"]),
+                        Tokenizer.from_file(str(tok_file)),
                         opts["max_batch"], opts["max_model_len"], opts["threads"])
         info = EngineInfo("torch_moe", f"torch {torch.__version__}",
                           {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads},

@@ -4,8 +4,9 @@ New requests are prefilled one at a time and join the running batch; every
 decode step advances all live sequences together, so concurrent requests share
 expert reads. Live sequences always occupy KV-cache slots 0..n-1 (a finished
 sequence's slot is refilled by the last one), so a step reads contiguous views.
-Each step records its batch size, wall time, summed context and the number of
-distinct experts each layer activated.
+Each step records its batch size, wall time, summed context and, per MoE layer,
+the tokens each expert took (hence the distinct experts activated). The model,
+its KV cache and every step live on one device (``cpu`` or ``cuda[:N]``).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Engine:
             self.model = load()
             self.max_model_len = max_model_len or min(self.model.cfg.max_position_embeddings, 4096)
             self.eos = self.model.cfg.eos_token_id
-            self.cache = KVCache(self.model.cfg, self.max_batch, self.max_model_len, self.model.embed.weight.dtype)
+            model = self.model
+            self.cache = KVCache(model.cfg, self.max_batch, self.max_model_len, model.dtype, model.device)
         except BaseException as exc:  # reported to the constructor's caller
             self._error = exc
             self._ready.set()
@@ -163,6 +165,7 @@ class Engine:
         ids = torch.full((len(new), width), self.eos or 0, dtype=torch.long)
         for i, s in enumerate(new):
             ids[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        ids = ids.to(self.model.device)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         logits = self.model(ids, kv_out=kv)
         last = torch.stack([logits[i, len(s.prompt_ids) - 1] for i, s in enumerate(new)])
@@ -175,15 +178,18 @@ class Engine:
 
     def _decode(self) -> None:
         live = self._live
-        tokens = torch.tensor([s.generated[-1] for s in live])
-        positions = torch.tensor([s.length - 1 for s in live])
+        device = self.model.device
+        tokens = torch.tensor([s.generated[-1] for s in live], device=device)
+        lengths = [s.length - 1 for s in live]
+        positions = torch.tensor(lengths, device=device)
         stats = ForwardStats()
         started = time.perf_counter_ns()
         logits = self.model.decode(tokens, positions, self.cache, stats)
-        picks = self._sample(live, logits)
+        picks = self._sample(live, logits)  # reads the logits back: the step has finished on any device
         self.steps.append(DecodeStep(batch_size=len(live), step_ns=time.perf_counter_ns() - started,
-                                     context_tokens=int(positions.sum()) + len(live),
-                                     distinct_experts=stats.distinct_experts, started_ns=started))
+                                     context_tokens=sum(lengths) + len(live),
+                                     distinct_experts=stats.distinct_experts, started_ns=started,
+                                     expert_tokens=stats.expert_tokens))
         self._accept(live, picks)
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
@@ -191,7 +197,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             sampling = seq.request.sampling
             if not sampling.greedy:
-                probs = torch.softmax(logits[i].float() / sampling.temperature, dim=-1)
+                probs = torch.softmax(logits[i].float().cpu() / sampling.temperature, dim=-1)
                 picks[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
         return [int(p) for p in picks]
 

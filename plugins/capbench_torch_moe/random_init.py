@@ -23,7 +23,8 @@ def make_checkpoint(config: Mapping[str, Any], out: Path, seed: int = 0) -> Path
     an existing complete checkpoint with the same config is kept."""
     from safetensors.torch import save_file
 
-    from capbench_torch_moe.model import MoEConfig, MoETransformer, init_weights, to_hf_state_dict
+    from capbench_torch_moe.loading import to_hf_state_dict
+    from capbench_torch_moe.model import MoEConfig, MoETransformer, init_weights
 
     full = {**tiny_config(), **config}
     if (out / "model.safetensors").exists() and (out / "config.json").exists() and \

@@ -20,7 +20,8 @@ import torch
 from torch.nn import functional as F
 
 from capbench_tasks import arith
-from capbench_torch_moe.model import ForwardStats, MoEConfig, MoETransformer, init_weights, to_hf_state_dict
+from capbench_torch_moe.loading import to_hf_state_dict
+from capbench_torch_moe.model import ForwardStats, MoEConfig, MoETransformer, init_weights
 
 # Qwen2's pre-tokenizer split (digits one by one); llama.cpp knows it as pre-tokenizer "qwen2".
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
