@@ -104,7 +104,7 @@ class RunConfig(BaseModel):
     price_usd_per_hour: float | None = Field(default=None, ge=0)
     price_from: str | None = None
     hardware_price_usd: float | None = Field(default=None, ge=0)
-    cost_preset: Literal["moe-cap"] | None = None
+    cost_preset: Literal["moe-cap", "parts"] | None = None
     life_years: float = Field(default=3.0, gt=0)
     usd_per_kwh: float = Field(default=0.10, ge=0)
     power_w: float | None = Field(default=None, ge=0)
@@ -318,7 +318,8 @@ def dtype_refusals(run: ResolvedRun) -> list[str]:
 
 
 def cost_model(config: RunConfig, hardware: HardwareSpec) -> CostModel | None:
-    """The one cost model the settings chose (None: no price, and the results say so)."""
+    """The one cost model the settings chose; none chosen: a labelled estimate (None when even that is unknown,
+    and the results say so)."""
     if config.price_usd_per_hour is not None:
         return cost.Hourly(config.price_usd_per_hour, "hourly price (--price-usd-per-hour)")
     if config.price_from is not None:
@@ -327,4 +328,6 @@ def cost_model(config: RunConfig, hardware: HardwareSpec) -> CostModel | None:
         return cost.Capex(config.hardware_price_usd, config.life_years, config.usd_per_kwh, config.power_w)
     if config.cost_preset == "moe-cap":
         return cost.moe_cap_preset(hardware, config.life_years)
-    return None
+    if config.cost_preset == "parts":
+        return cost.parts_preset(hardware, config.life_years, config.usd_per_kwh)
+    return cost.default_estimate(hardware)

@@ -31,7 +31,7 @@ def build(db_url: str | None, out: Path) -> None:
 
     store = Store(db_url)
     results = store.runs()
-    summary = site.build(results, out, store.studies("sparsity"), store.provenance())
+    summary = site.build(results, out, store.studies("sparsity"), store.provenance(), store.studies("placement"))
     click.echo(f"built {summary.out}: {summary.groups} hardware group(s), {summary.runs} run(s); "
                f"open {summary.out / 'index.html'} or run `capbench leaderboard serve --dir {out}`")
 

@@ -109,7 +109,8 @@ class BuildSummary:
 
 
 def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, Any]] = (),
-          provenance: dict[str, dict[str, Any]] | None = None) -> BuildSummary:
+          provenance: dict[str, dict[str, Any]] | None = None,
+          placements: Sequence[dict[str, Any]] = ()) -> BuildSummary:
     """Render the site into ``out``, atomically (see the module docstring)."""
     out = out.resolve()
     if out.exists() and not (out / "site.json").exists() and any(out.iterdir()):
@@ -119,7 +120,8 @@ def build(results: Sequence[RunResult], out: Path, studies: Sequence[dict[str, A
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         hw_groups = groups(results)
-        _render(tmp, hw_groups, results, _newest_per_machine(studies), provenance or {})
+        _render(tmp, hw_groups, results, _newest_per_machine(studies), provenance or {},
+                _newest_placements(placements))
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +147,14 @@ def _newest_per_machine(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any
     return shown
 
 
+def _newest_placements(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest placement study per (model, machine, dtype)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for st in sorted(studies, key=lambda s: s["created_at"], reverse=True):
+        newest.setdefault(f"{st['study']['model']}/{st['hardware']}/{st['study']['dtype']}", st)
+    return list(newest.values())
+
+
 def submitted(p: dict[str, Any] | None) -> str:
     """Who a row comes from: measured here, or imported — by a trusted signer, a signed but untrusted key,
     or unsigned."""
@@ -156,10 +166,12 @@ def submitted(p: dict[str, Any] | None) -> str:
 
 
 def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunResult],
-            studies: list[dict[str, Any]], provenance: dict[str, dict[str, Any]]) -> None:
+            studies: list[dict[str, Any]], provenance: dict[str, dict[str, Any]],
+            placements: list[dict[str, Any]] | None = None) -> None:
     env = _env()
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    common = {"built": built, "version": __version__, "extra_pages": ["sparsity.html"] if studies else [],
+    pages = (["sparsity.html"] if studies else []) + (["placement.html"] if placements else [])
+    common = {"built": built, "version": __version__, "extra_pages": pages,
               "submitted": lambda run_id: submitted(provenance.get(run_id))}
     (root / "assets").mkdir()
     for asset in (HERE / "assets").iterdir():
@@ -176,6 +188,9 @@ def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunRes
         page = env.get_template("sparsity.html").render(studies=studies, run_ids={r.run_id for r in results},
                                                         prefix="", **common)
         (root / "sparsity.html").write_text(page)
+    if placements:
+        page = env.get_template("placement.html").render(studies=placements, prefix="", **common)
+        (root / "placement.html").write_text(page)
     (root / "site.json").write_text(json.dumps(
         {"built": built, "capbench_version": __version__, "runs": len(results),
          "groups": [{"fingerprint": g.fingerprint, "runs": g.runs} for g in hw_groups]}, indent=1))

@@ -1,6 +1,6 @@
 """Small random-weight checkpoints of real MoE architectures, built here (nothing downloaded).
 
-Each is its published config.json (tests/data/model_configs) with widths and depth shrunk and vocabulary,
+Each is its published config.json (plugins/capbench_models/configs) with widths and depth shrunk and vocabulary,
 routing (experts, top-k, shared experts, dense layers) and dtype kept, random bf16 weights, saved sharded by the
 installed transformers (so its config is written the way transformers of today writes it), with a real
 tokenizer read from one of the vocab-only GGUFs llama.cpp ships in its models/ directory.
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT
+from capbench_models import PUBLISHED_CONFIGS
 
 RECIPE = 6  # bump when the shrinking below changes: the cache key changes with it
-CONFIGS = ROOT / "tests" / "data" / "model_configs"
+CONFIGS = PUBLISHED_CONFIGS
 # Heads of 64: vLLM's CPU attention has kernels for common head sizes only (16 is refused). A config that
 # states head_dim keeps stating it (64); one that does not keeps hidden_size / heads = 64, the only head size
 # engines that ignore head_dim (llama.cpp's and SGLang's Qwen2-MoE) can load.

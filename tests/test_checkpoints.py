@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capbench_models import PUBLISHED_CONFIGS
 
 from capbench_core.analytics.checkpoint import hub_snapshot, normalize
 from capbench_core.analytics.model_spec import spec_from_config
@@ -17,7 +18,7 @@ from capbench_core.errors import CapbenchError
 from tests import checkpoints
 from tests.conftest import ROOT, run_cli
 
-CONFIGS = ROOT / "tests" / "data" / "model_configs"
+CONFIGS = PUBLISHED_CONFIGS
 
 
 def _hub(cache: Path, repo_id: str, source: Path, commit: str = "0123abcd") -> Path:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from capbench_models import PUBLISHED_CONFIGS
 
 from capbench_core.analytics import metrics
 from capbench_core.analytics.model_spec import spec_from_path
@@ -12,7 +11,7 @@ from capbench_core.contract.backend import DecodeStep
 from capbench_core.contract.records import Metrics, RequestRecord
 
 MS = 1_000_000
-CONFIGS = Path(__file__).parent / "data" / "model_configs"
+CONFIGS = PUBLISHED_CONFIGS
 
 
 def rec(offsets_ms: list[float], tokens: list[int] | None = None, **kw) -> RequestRecord:  # type: ignore[no-untyped-def]

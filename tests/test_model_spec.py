@@ -1,7 +1,7 @@
 """Model analytics against published parameter counts of real models.
 
-Each config file under data/model_configs is the model's published config.json
-(see data/model_configs/SOURCES.md). A published figure like "12.9B" stands for
+Each config file under plugins/capbench_models/configs is the model's published config.json
+(see its SOURCES.md). A published figure like "12.9B" stands for
 the interval [12.85B, 12.95B); the bar is <= 1 % error beyond that interval.
 """
 
@@ -13,12 +13,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from capbench_models import PUBLISHED_CONFIGS
 
 from capbench_core.analytics.model_spec import spec_from_config, spec_from_path
 from capbench_core.errors import CapbenchError
 from tests.conftest import run_cli
 
-CONFIGS = Path(__file__).parent / "data" / "model_configs"
+CONFIGS = PUBLISHED_CONFIGS
 
 # file, published total, published active, does the vendor's active figure include the input embedding?
 PUBLISHED = [

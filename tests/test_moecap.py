@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from capbench_models import PUBLISHED_CONFIGS
 
 from capbench_core.analytics import moecap
 from capbench_core.contract.backend import DecodeStep
@@ -34,7 +35,7 @@ def test_qwen3_counts_dense_layers_and_deepseek_two_shared_experts() -> None:
     qwen3 = moecap.shape({**TOY, "model_type": "qwen3_moe", "moe_intermediate_size": 2, "mlp_only_layers": [0]})
     assert (qwen3.family, qwen3.moe_layers, qwen3.dense_layers) == ("qwen3", 1, 1)
     assert qwen3.expert == 3 * 2 * 4 and qwen3.dense_ffn == 3 * 8 * 4
-    ds = json.loads(open("tests/data/model_configs/deepseek-v3.json").read())
+    ds = json.loads(open(PUBLISHED_CONFIGS / "deepseek-v3.json").read())
     shape = moecap.shape(ds)
     assert shape.family == "deepseek" and shape.shared == 2 * shape.expert  # V3 has one shared expert
     assert shape.kv_per_token == 61 * (512 + 64)

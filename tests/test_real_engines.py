@@ -49,6 +49,11 @@ def _common_checks(rows: dict[tuple[str, int], dict[str, Any]], backend: str) ->
         em = r["engine_metrics"]
         assert em["generation_tokens"] == m["output_tokens_total"], (em, m["output_tokens_total"])
         assert em["prompt_tokens"] is not None and em["prompt_tokens"] > 0
+        # memory of the launched server's process tree, its own KV capacity, the analytics' prediction beside
+        assert m["mem_peak_gb"] > m["weights_gb_predicted"] > 0 and "capbench launched" in m["mem_method"], m
+        assert m["kv_capacity_tokens"] and m["kv_capacity_tokens"] >= 4 * 16, m["kv_capacity_tokens"]
+        assert r["placement"]["weights"]["routed_experts"] == {"tier": "host", "execution": "host_compute",
+                                                                "detail": ""}
 
 
 # --- vLLM ------------------------------------------------------------------------------------------

@@ -7,8 +7,13 @@ result (``cost_model`` names the model and its assumptions):
 - a row of the dated, sourced price table ``data/prices.json`` (``--price-from ID``),
   scaled to the number of accelerators the run used;
 - owning the hardware (capex): its price amortised over a stated life plus power x
-  $/kWh (``--hardware-price-usd``), or MoE-CAP's published assumptions
-  (``--cost-preset moe-cap``).
+  $/kWh (``--hardware-price-usd``), MoE-CAP's published assumptions
+  (``--cost-preset moe-cap``), or the server priced by its parts — accelerators, CPU
+  sockets, host DRAM, NICs — from the sourced tables (``--cost-preset parts``).
+
+With none of them, a run still gets a price, labelled an estimate (``cost_basis``):
+the cheapest price-table row for its accelerators, or on a CPU-only machine its
+logical CPUs and memory at a public cloud's on-demand per-vCPU and per-GB rates.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,10 +91,11 @@ def _accelerators(hw: HardwareSpec) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Hourly:
-    """A price per hour, from the user or the price table."""
+    """A price per hour, from the user (``given``), the price table, or an ``estimate`` nobody asked for."""
 
     usd_per_hour: float
     name: str
+    basis: Literal["given", "price_table", "estimate"] = "given"
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,34 @@ def hourly_from_table(row_id: str, hw: HardwareSpec) -> Hourly:
                             f"{', '.join(r.id for r in rows_for(sorted(names)[0])) or '(none)'}")
     count = sum(n for _, n in accel)
     hourly = row.usd_per_hour / row.gpus * count
-    return Hourly(hourly, f"price table {row.label()}, x{count}/{row.gpus} GPUs")
+    return Hourly(hourly, f"price table {row.label()}, x{count}/{row.gpus} GPUs", "price_table")
+
+
+def default_estimate(hw: HardwareSpec) -> Hourly | None:
+    """The price a run gets when none was given, labelled an estimate: the cheapest price-table row per GPU for
+    its accelerators, or for a CPU-only machine its logical CPUs and memory at the cloud VM rates of
+    data/prices.json ("cpu_vm"); None when the accelerators have no row."""
+    try:
+        accel = _accelerators(hw)
+    except CapbenchError:
+        return None
+    if accel:
+        names = {name for name, _ in accel}
+        rows = rows_for(sorted(names)[0]) if len(names) == 1 else []
+        if not rows:
+            return None
+        count = sum(n for _, n in accel)
+        row = rows[0]
+        return Hourly(row.usd_per_hour / row.gpus * count,
+                      f"estimate: the cheapest price-table row for this GPU, {row.label()}, x{count}/{row.gpus} GPUs "
+                      f"(pass --price-usd-per-hour or --price-from for your own)", "estimate")
+    vm = _table()["cpu_vm"]
+    gib = hw.host_memory_bytes / 1024**3
+    hourly = hw.cpu_cores * vm["usd_per_vcpu_hour"] + gib * vm["usd_per_gb_hour"]
+    return Hourly(hourly, f"estimate: {hw.cpu_cores} vCPUs x ${vm['usd_per_vcpu_hour']:g}/h + {gib:.0f} GB x "
+                          f"${vm['usd_per_gb_hour']:g}/h, {vm['provider']} {vm['offering']} (as of {vm['as_of']}, "
+                          f"{vm['source_kind']} source {vm['source']}); pass --price-usd-per-hour for your own",
+                  "estimate")
 
 
 def moe_cap_preset(hw: HardwareSpec, life_years: float) -> Capex:
@@ -150,13 +183,56 @@ def moe_cap_preset(hw: HardwareSpec, life_years: float) -> Capex:
                  preset["energy_overhead"], name=f"moe-cap preset ({preset['source']}, as of {preset['as_of']})")
 
 
+def parts_preset(hw: HardwareSpec, life_years: float, usd_per_kwh: float) -> Capex:
+    """Owning the server priced by its parts from the sourced tables: accelerators (MoE-CAP's published GPU
+    prices), CPU sockets (data/hosts.json), host DRAM per GB and one NIC per accelerator (data/prices.json
+    "components"); power = the accelerators' and sockets' TDPs. A part without a sourced price is named and left
+    out."""
+    from capbench_core.analytics.datasheets import match_accelerator, match_host
+
+    host = match_host(hw.cpu_model)
+    if host is None or host["price_usd"] is None:
+        raise CapbenchError(f"the parts preset prices CPU sockets from capbench_core/data/hosts.json, and no row "
+                            f"with a price matches {hw.cpu_model!r}: add a sourced row, or pass --hardware-price-usd")
+    sockets = sum(d.count for d in hw.devices if d.kind == "cpu") or 1
+    parts = [(f"{sockets} x {host['name']} (${host['price_usd']:,}, {host['price_as_of']})",
+              float(host["price_usd"]) * sockets, float(host["tdp_w"]) * sockets)]
+    gpu_prices = _table()["moe_cap"]["gpus"]
+    accel = _accelerators(hw)
+    for name, n in accel:
+        if name not in gpu_prices:
+            raise CapbenchError(f"no sourced purchase price for {name} (MoE-CAP's table covers "
+                                f"{', '.join(sorted(gpu_prices))}): pass --hardware-price-usd")
+        row = match_accelerator(name) or {}
+        parts.append((f"{n} x {name} (${gpu_prices[name]['price_usd']:,}, MoE-CAP)",
+                      float(gpu_prices[name]["price_usd"]) * n, float(row.get("tdp_w") or 0) * n))
+    components = _table()["components"]
+    gb = hw.host_memory_bytes / 1e9
+    dram = components["dram_usd_per_gb"]
+    parts.append((f"{gb:.0f} GB DRAM x ${dram['value']:g}/GB ({dram['as_of']})", gb * dram["value"], 0.0))
+    left_out = ["DRAM power (no sourced figure)"]
+    nic = components["nic_usd_per_device"]
+    if accel:
+        count = sum(n for _, n in accel)
+        parts.append((f"{count} NICs x ${nic['value']:,} ({nic['as_of']})", count * float(nic["value"]), 0.0))
+        switch = components["switch_port_usd_per_device"]["note"]
+        left_out += ["NIC power (no sourced figure)", f"switch ports ({switch})"]
+    price = sum(p for _, p, _ in parts)
+    power = sum(w for _, _, w in parts)
+    return Capex(price, life_years, usd_per_kwh, power,
+                 name=f"parts: {'; '.join(n for n, _, _ in parts)}; not counted: {', '.join(left_out)}")
+
+
 def apply(m: Metrics, model: CostModel | None, tdp_w: float | None, missing_reason: str) -> None:
-    """Fill cost_usd_per_mtok(_all), price_usd_per_hour and cost_model; null with the reason when unpriced."""
+    """Fill cost_usd_per_mtok(_all), price_usd_per_hour, cost_model and cost_basis; null with the reason when
+    unpriced."""
     if model is None:
         m.notes["cost_usd_per_mtok"] = missing_reason
     elif isinstance(model, Hourly):
+        m.cost_basis = model.basis
         _per_mtok(m, model.usd_per_hour, model.name)
     else:
+        m.cost_basis = "capex"
         _capex(m, model, tdp_w)
 
 

@@ -55,3 +55,20 @@ def accelerator_peaks(device: Device) -> tuple[Peak, dict[str, Peak]]:
     flops = {dtype: Peak(value=value * device.count, source="datasheet", note=note)
              for dtype, value in row["tflops"].items()}
     return bw, flops
+
+
+def hosts() -> list[dict[str, Any]]:
+    """Host CPU rows (data/hosts.json): DRAM bandwidth per socket, PCIe, TDP, list price; each sourced."""
+    rows: list[dict[str, Any]] = json.loads((DATA / "hosts.json").read_text())["hosts"]
+    return rows
+
+
+def match_host(cpu_model: str) -> dict[str, Any] | None:
+    """The host row for a CPU model name as the OS reports it, or None."""
+    hits = [row for row in hosts() if re.search(row["match"], cpu_model)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def links() -> dict[str, dict[str, Any]]:
+    """Link rows (data/links.json) by id: per-direction GB/s, datasheet or published measurement, sourced."""
+    return {row["id"]: row for row in json.loads((DATA / "links.json").read_text())["links"]}

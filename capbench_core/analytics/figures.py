@@ -11,7 +11,7 @@ from capbench_core.analytics.datasheets import match_accelerator
 from capbench_core.analytics.model_spec import ModelSpec
 from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.backend import DecodeSource, DecodeWindow
-from capbench_core.contract.records import EngineInfo, HardwareSpec, Metrics
+from capbench_core.contract.records import EngineInfo, HardwareSpec, Metrics, Placement
 
 SERIAL_METHOD = ("batch of 1 (the engine serves one request at a time): top_k experts per layer; step time = "
                  "window / output tokens (includes prefill: S-MBU is a lower bound)")
@@ -79,7 +79,8 @@ def served_bytes(engine: EngineInfo | None) -> tuple[str | None, str | None, Wei
     return engine.weight_dtype, kv, wb
 
 
-def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, engine: EngineInfo | None, peaks: Peaks) -> None:
+def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, engine: EngineInfo | None, peaks: Peaks,
+               placement: Placement | None = None, hardware: HardwareSpec | None = None) -> None:
     """S-MBU and S-MFU of the window's decode steps, in the bytes the engine served (its weight dtype, or per
     class its GGUF's tensor types or its checkpoint's quantization); null with the reason when the dtype is
     unknown (never counted in a guessed one)."""
@@ -94,6 +95,23 @@ def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, engine: EngineI
         return
     metrics.sparse_efficiency(m, spec, found.steps, found.source, found.method, dtype, peaks.mem_bw_gbps,
                               peaks.tflops, kv_dtype, wb)
+    if hardware is not None and dtype is not None and m.s_mbu is not None:
+        metrics.tiered_mbu(m, spec, found.steps, dtype, placement, tier_bandwidths(hardware, peaks.mem_bw_gbps),
+                           kv_dtype, wb)
+
+
+def tier_bandwidths(hardware: HardwareSpec, device_bw: float | None) -> dict[str, float | None]:
+    """Bandwidth (GB/s) of each memory tier and link a tiered S-MBU divides by: the device memory (the run's
+    peak), host DRAM (the host's measured peak) and PCIe (the accelerator's datasheet link, data/links.json)."""
+    from capbench_core.analytics.datasheets import links
+
+    host = hardware.cpu_peak_mem_bw_gbps.value if hardware.cpu_peak_mem_bw_gbps else None
+    pcie = None
+    accel = [d for d in hardware.devices if d.kind != "cpu"]
+    row = match_accelerator(accel[0].model) if accel else None
+    if row and row.get("pcie"):
+        pcie = float(links()[row["pcie"]]["gbps"]) * accel[0].count
+    return {"device_mem": device_bw, "host_dram": host, "pcie": pcie}
 
 
 def tdp_w(hardware: HardwareSpec) -> float | None:
@@ -131,6 +149,21 @@ class MemoryNeed:
     def says(self, sequences: int, context: int) -> str:
         return (f"{self.total / 1e9:.2f} GB: weights {self.weights_bytes / 1e9:.2f} GB in {self.dtype} + KV cache "
                 f"{self.kv_bytes / 1e9:.2f} GB for {sequences} sequence(s) of {context} tokens")
+
+
+def memory(m: Metrics, peak_bytes: int | None, method: str, device_bytes: int | None, kv_capacity: int | None,
+           need: MemoryNeed | None) -> None:
+    """The row's memory: the measured peak of the engine's processes (``method`` says how, or why there is
+    none), GPU memory on CUDA, the KV capacity the engine reports, and the analytics' prediction beside them."""
+    m.kv_capacity_tokens = kv_capacity
+    if need is not None:
+        m.weights_gb_predicted, m.kv_gb_predicted = need.weights_bytes / 1e9, need.kv_bytes / 1e9
+    if peak_bytes is None:
+        m.notes["mem_peak_gb"] = method
+        return
+    m.mem_peak_gb, m.mem_method = peak_bytes / 1e9, method
+    if device_bytes is not None:
+        m.device_mem_peak_gb = device_bytes / 1e9
 
 
 def memory_need(spec: ModelSpec, dtype: str, sequences: int, context: int) -> MemoryNeed:

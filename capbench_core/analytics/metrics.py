@@ -9,7 +9,7 @@ ITL = gaps between successive token-bearing chunks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ import numpy as np
 from capbench_core.analytics.model_spec import ModelSpec
 from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.backend import DecodeStep, ModelShape
-from capbench_core.contract.records import DecodeSteps, Metrics, RequestRecord
+from capbench_core.contract.records import DecodeSteps, Metrics, Placement, RequestRecord
 
 NS_PER_MS = 1e6
 
@@ -297,6 +297,38 @@ def sparse_efficiency(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], 
         m.s_mfu = _physical(m, "s_mfu", total_flops / seconds / (peak_tflops * 1e12))
     else:
         m.notes["s_mfu"] = f"peak dense {dtype} FLOPs of this hardware are unknown"
+
+
+def tiered_mbu(m: Metrics, spec: ModelSpec, steps: Sequence[DecodeStep], dtype: str, placement: Placement | None,
+               tier_gbps: Mapping[str, float | None], kv_dtype: str | None = None,
+               weight_bytes: WeightBytes | None = None) -> None:
+    """Tiered S-MBU for a row whose routed experts sit off the accelerator (docs/metrics.md): the bytes each
+    tier served (experts on the host: host DRAM when the CPU computes them, PCIe when they are fetched) over the
+    window's step time and that tier's bandwidth; ``s_mbu`` becomes the bottleneck tier's, ``s_mbu_single``
+    keeps every byte over one bandwidth. A row whose weights sit in one memory is left as it is."""
+    if placement is None or not placement.experts_off_device() or not steps or not spec.is_moe:
+        return
+    use = placement.weights["routed_experts"]
+    if use.tier == "split" and not placement.host_expert_layers:
+        m.notes["s_mbu_tiers"] = "the share of experts in host memory is not known per layer: S-MBU stays single"
+        return
+    share = placement.host_expert_layers / spec.moe_layers if use.tier == "split" and placement.host_expert_layers \
+        else 1.0
+    link = "host_dram" if use.execution == "host_compute" else "pcie"
+    device_bw, host_bw = tier_gbps.get("device_mem"), tier_gbps.get(link)
+    seconds = sum(s.step_ns for s in steps) / 1e9
+    if not device_bw or not host_bw or seconds <= 0:
+        m.notes["s_mbu_tiers"] = f"the {'device memory' if not device_bw else link} bandwidth is unknown"
+        return
+    wb = weight_bytes or WeightBytes.of_dtype(dtype)
+    total = sum(decode_step_cost(spec, s, dtype, kv_dtype or dtype, wb).bytes for s in steps)
+    host = sum(sum(s.distinct_experts) for s in steps) * spec.expert_params * wb.expert * min(share, 1.0)
+    m.s_mbu_single = m.s_mbu
+    m.s_mbu_tiers = {"device_mem": (total - host) / seconds / (device_bw * 1e9), link: host / seconds / (host_bw * 1e9)}
+    bottleneck = max(m.s_mbu_tiers, key=lambda k: m.s_mbu_tiers[k])
+    m.s_mbu = _physical(m, "s_mbu", m.s_mbu_tiers[bottleneck])
+    m.notes["s_mbu"] = f"tiered: the bottleneck tier is {bottleneck} (s_mbu_tiers); every byte over the device's " \
+                       f"bandwidth alone: s_mbu_single"
 
 
 def _physical(m: Metrics, key: str, value: float) -> float | None:

@@ -175,7 +175,8 @@ def run_efficiency(config: Mapping[str, Any], steps: Sequence[DecodeStep], dtype
 def compare_row(r: RunResult) -> dict[str, Any]:
     """capbench's S-MBU/S-MFU beside MoE-CAP's, recomputed from the run's stored decode steps."""
     row: dict[str, Any] = {"run_id": r.run_id, "backend": r.backend, "load": run_load(r), "s_mbu": r.metrics.s_mbu,
-                           "s_mfu": r.metrics.s_mfu, "moe_cap_s_mbu": None, "moe_cap_s_mfu": None, "note": ""}
+                           "s_mfu": r.metrics.s_mfu, "moe_cap_s_mbu": None, "moe_cap_s_mfu": None, "note": "",
+                           "s_mbu_single": r.metrics.s_mbu_single}
     if r.decode_steps is None or r.model.config is None:
         row["note"] = "the run stored no decode steps or model config (recorded before capbench kept them)"
         return row

@@ -59,8 +59,9 @@ RUN_OPTIONS: list[Callable[[Any], Any]] = [
                       "the accelerators used."),
     click.option("--hardware-price-usd", type=click.FloatRange(min=0), default=None,
                  help="Capex cost model instead of an hourly price: what this machine cost."),
-    click.option("--cost-preset", type=click.Choice(["moe-cap"]), default=None,
-                 help="Capex model with MoE-CAP's published GPU prices, TDPs, $/kWh and overheads."),
+    click.option("--cost-preset", type=click.Choice(["moe-cap", "parts"]), default=None,
+                 help="Capex model: moe-cap (MoE-CAP's published GPU prices, TDPs, $/kWh and overheads) or parts "
+                      "(GPUs, CPU sockets, host DRAM and NICs from the sourced tables, with their power)."),
     click.option("--life-years", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
                  help="Capex model: years the hardware price is spread over."),
     click.option("--usd-per-kwh", type=click.FloatRange(min=0), default=0.10, show_default=True,

@@ -1,4 +1,4 @@
-"""Studies and matrices: `capbench sweep` (plan, run) and `capbench study sparsity`."""
+"""Studies and matrices: `capbench sweep` (plan, run), `capbench study sparsity` and `capbench study placement`."""
 
 from __future__ import annotations
 
@@ -198,4 +198,56 @@ def sparsity_study(**flags: Any) -> None:
     from capbench_core.render.report import print_sparsity
 
     print_sparsity(console, study)
+    console.print(plain(f"stored study {study['study_id']} in {store.url}"), style="dim")
+
+
+@study.command("placement")
+@click.option("--model", required=True, help="Registered model (e.g. Qwen3-30B-A3B-config), checkpoint directory, "
+                                             "config.json or GGUF.")
+@click.option("--hardware", default="here", show_default=True,
+              help="Accelerator datasheet name (e.g. 'H100 SXM'; `capbench hardware datasheet`), or 'here'.")
+@click.option("--devices", type=click.IntRange(min=1), default=None, help="Accelerators (default 1).")
+@click.option("--host", default=None, help="Host CPU (data/hosts.json; default: Xeon Platinum 8480+).")
+@click.option("--sockets", type=click.IntRange(min=1), default=None, help="Host CPU sockets (default 2).")
+@click.option("--batch", default="1,16,64", show_default=True, metavar="B,...", help="Decode batch per device.")
+@click.option("--context", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Tokens each sequence attends to.")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              help="Bytes per weight: bfloat16, fp8, q4_k, mxfp4, ... (KV in bfloat16 for quantized weights).")
+@click.option("--ep-link", default=None, help="InfiniBand link for EP across nodes (data/links.json; default "
+                                              "ib-ndr).")
+@click.option("--experts-per-layer", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Distinct experts per layer per step, when measured (default: the uniform-routing estimate).")
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the study as JSON.")
+def placement_study(**flags: Any) -> None:
+    """Where the experts live: bytes per resource (HBM, DRAM, PCIe, NVLink, InfiniBand), the bound, the
+    bottleneck, tok/s, memory per device and $/Mtok for each placement of one model on one machine."""
+    from capbench_core.analytics.checkpoint import model_ref
+    from capbench_core.analytics.model_spec import spec_from_path
+    from capbench_core.store import Store
+    from capbench_core.studies.placement import PlacementConfig, run_placement_study
+
+    as_json, db_url = flags.pop("as_json"), flags.pop("db_url")
+    console = make_console(stderr=as_json)
+    flags["batch"] = int_list(flags["batch"], "--batch")
+    config = PlacementConfig.build(flags)
+    pm = plugin_manager()
+    ref = model_ref(pm, config.model)
+    spec = spec_from_path(ref.path, ref.name)
+    hw = None
+    if config.hardware == "here":
+        from capbench_core.measure.hardware import detect_hardware
+
+        with console.status("probing hardware (peaks are measured once per machine)…"):
+            hw = detect_hardware(pm)
+    study = run_placement_study(config, spec, hw)
+    store = Store(db_url)
+    study["study_id"] = store.save_study("placement", study["system"]["name"], hw.fingerprint if hw else None, study)
+    if as_json:
+        click.echo(json.dumps(study, indent=2))
+        return
+    from capbench_core.render.report import print_placement
+
+    print_placement(console, study)
     console.print(plain(f"stored study {study['study_id']} in {store.url}"), style="dim")

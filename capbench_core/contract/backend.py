@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 from capbench_core.contract.options import BackendOptions, options_from_help
 from capbench_core.contract.options import validate as validate_options
-from capbench_core.contract.records import EngineInfo, HardwareSpec, RequestRecord
+from capbench_core.contract.records import EngineInfo, HardwareSpec, Placement, RequestRecord
 from capbench_core.contract.window import ExpertCounts, WindowReport
 from capbench_core.errors import CapbenchError
 
@@ -235,6 +235,16 @@ class Session:
     #: An OpenAI-compatible endpoint serving the model, and the model's name there (lm-eval scores it).
     base_url: str | None = None
     served_model: str | None = None
+    #: Tokens the engine's KV cache holds, as the engine itself sized or reports it (None: it does not say).
+    kv_capacity_tokens: int | None = None
+
+    def engine_process(self) -> tuple[int, str] | None:
+        """(pid, what it is) of the process that holds the engine, whose process tree capbench samples for the
+        row's memory; None when the engine is not capbench's to measure (an attached server). The default is
+        capbench's own process: an in-process engine lives in it."""
+        import os
+
+        return os.getpid(), "capbench's own process (the engine runs in it)"
 
     def stream(self, request: Request) -> AsyncIterator[TokenChunk]:
         """Stream the completion of ``request``; the runner timestamps every chunk."""
@@ -327,6 +337,13 @@ class Backend:
         the model); the class's ``device`` unless an option moves the engine."""
         return self.device
 
+    def placement(self, options: Mapping[str, Any]) -> Placement:
+        """Where a run with these (validated) options keeps its weights and how it spreads them. The default:
+        everything on the device it computes on, no parallelism."""
+        if self.device_for(options) == "cpu":
+            return Placement.uniform("host", f"{self.name} computes on the host CPU")
+        return Placement.uniform("device", f"{self.name} computes on the accelerator")
+
     def devices_used(self, options: Mapping[str, Any]) -> int | None:
         """How many accelerators a run with these options uses (tensor x pipeline x data parallel), so S-MBU and
         S-MFU divide by their peaks and not every visible device's; None: all of them."""
@@ -352,8 +369,9 @@ class Backend:
 #: Optional capabilities by base class, as documented in docs/plugins.md.
 OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
     "Backend": ("description", "device", "Options", "options", "serial_decode", "needs_endpoint", "engine_env",
-                "available_for", "dtype_options", "planned_dtype", "device_for", "devices_used"),
-    "Session": ("serial_decode", "base_url", "served_model", "expert_activation", "decode_steps", "failure_cause",
+                "available_for", "dtype_options", "planned_dtype", "device_for", "devices_used", "placement"),
+    "Session": ("serial_decode", "base_url", "served_model", "kv_capacity_tokens", "engine_process",
+                "expert_activation", "decode_steps", "failure_cause",
                 "begin_window", "end_window", "expert_pass"),
     "Task": ("scores_externally", "supports_chat", "variant", "evaluate"),
 }

@@ -216,10 +216,20 @@ class Metrics(_Model):
     bytes_per_decode_step_mean: float | None = None
     flops_per_decode_step_mean: float | None = None
     s_mbu: float | None = None
+    s_mbu_tiers: dict[str, float] = Field(default_factory=dict, description="per memory tier or link, when the "
+                                                                            "weights sit on more than one")
+    s_mbu_single: float | None = Field(default=None, description="every byte over one bandwidth (set when tiered)")
     s_mfu: float | None = None
     peak_mem_bw_gbps: float | None = None
     peak_flops_tflops: float | None = None
+    mem_peak_gb: float | None = None
+    mem_method: str | None = None
+    device_mem_peak_gb: float | None = None
+    kv_capacity_tokens: int | None = None
+    weights_gb_predicted: float | None = None
+    kv_gb_predicted: float | None = None
     cost_model: str | None = None
+    cost_basis: Literal["given", "price_table", "capex", "estimate"] | None = None
     price_usd_per_hour: float | None = None
     cost_usd_per_mtok: float | None = None
     cost_usd_per_mtok_all: float | None = None
@@ -227,6 +237,46 @@ class Metrics(_Model):
     energy_j_per_output_token: float | None = None
     energy_source: str | None = None
     notes: dict[str, str] = Field(default_factory=dict, description="why a metric is null, or how it was got")
+
+
+WEIGHT_CLASSES = ("attention_dense", "routed_experts", "shared_experts", "embeddings", "kv_cache")
+
+
+class TierUse(_Model):
+    """Where one class of weights (or the KV cache) sits and how it is used."""
+
+    tier: Literal["device", "host", "split"] = Field(description="accelerator memory, host memory, or some on each")
+    execution: Literal["device", "host_compute", "host_fetch"] = Field(
+        description="computed on the accelerator; computed by the host CPU from host memory; or kept in host "
+                    "memory and fetched over PCIe to the accelerator")
+    detail: str = ""
+
+
+class Placement(_Model):
+    """Where a row's weights lived and how the model was spread, from the backend's options (validated and
+    passed to the engine): per weight class its tier and execution, and the parallel layout."""
+
+    weights: dict[str, TierUse]
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    all_to_all: str | None = Field(default=None, description="the EP dispatch/combine backend, when EP is on")
+    host_expert_layers: int | None = Field(default=None, description="MoE layers whose routed experts sit on "
+                                                                     "the host (llama.cpp n_cpu_moe)")
+    host_offload_gb: float | None = Field(default=None, description="weights kept in host memory per device "
+                                                                    "(vLLM/SGLang cpu_offload_gb)")
+    source: str = Field(default="", description="the options it was read from")
+
+    @classmethod
+    def uniform(cls, tier: Literal["device", "host"], source: str, **layout: Any) -> Placement:
+        """Everything on one tier, computed there."""
+        use = TierUse(tier=tier, execution="device" if tier == "device" else "host_compute")
+        return cls(weights=dict.fromkeys(WEIGHT_CLASSES, use), source=source, **layout)
+
+    def experts_off_device(self) -> bool:
+        use = self.weights.get("routed_experts")
+        return use is not None and use.execution != "device" and self.weights["attention_dense"].tier == "device"
 
 
 class RunResult(_Model):
@@ -248,6 +298,8 @@ class RunResult(_Model):
     engine_metrics: dict[str, float | None] = Field(
         default_factory=dict, description="the engine's own /metrics over the window (deltas, end gauges)")
     decode_steps: DecodeSteps | None = None
+    placement: Placement | None = Field(default=None, description="where the weights lived (None: runs stored "
+                                                                  "before capbench recorded it)")
     config: dict[str, Any] | None = Field(
         default=None, description="the RunConfig of this row (capbench_core.config): every setting, so "
                                   "`capbench run --from RUN_ID` repeats it; None for runs stored before")

@@ -73,3 +73,29 @@ def free_gpu_memory() -> list[int]:
                 for i in range(pynvml.nvmlDeviceGetCount())]
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_memory_of(pids: list[int]) -> int | None:
+    """GPU memory (bytes, all visible GPUs) held by these processes as NVML lists them; None without NVML or
+    when the driver does not report per-process memory."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver or no device
+        return None
+    wanted, total, seen = set(pids), 0, False
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid in wanted and proc.usedGpuMemory is not None:
+                    total += int(proc.usedGpuMemory)
+                    seen = True
+    except Exception:  # per-process accounting unsupported (e.g. inside some containers)
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    return total if seen else None

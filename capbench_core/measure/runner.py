@@ -32,6 +32,7 @@ from capbench_core.errors import CapbenchError
 from capbench_core.measure import progress
 from capbench_core.measure.energy import NvmlMeter, RaplMeter
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
+from capbench_core.measure.memory import MemorySampler
 from capbench_core.measure.progress import Reporter
 from capbench_core.store import Store
 
@@ -57,6 +58,8 @@ class Point:
     result: RunResult
     external: metrics.ExternalScore | None = None
     reports: list[WindowReport | None] = field(default_factory=list)
+    shape: LoadShape | None = None
+    memory: MemorySampler | None = None
 
 
 class Runner:
@@ -93,7 +96,8 @@ class Runner:
                                     arrival="poisson" if level.rate_rps else "closed",
                                     duration_s=config.duration_s, slo=config.slo, sampling=sampling,
                                     seed=config.seed),
-            config=config.narrow(backend.name, level, set(backend.option_model().model_fields)).record())
+            config=config.narrow(backend.name, level, set(backend.option_model().model_fields)).record(),
+            placement=backend.placement(run.backend_options[backend.name]))
 
     def _finish(self, result: RunResult, status: str, reason: str = "") -> RunResult:
         result.status = status  # type: ignore[assignment]
@@ -123,7 +127,7 @@ class Runner:
                 for level in run.levels:
                     result = self._base_result(run, backend, spec, workload, level, session.engine.weight_dtype)
                     result.engine = dataclasses.replace(session.engine)
-                    point = Point(run, backend, level, spec, workload, result, external)
+                    point = Point(run, backend, level, spec, workload, result, external, shape=shape)
                     done.append(self._measure(session, point))
         except (CapbenchError, OSError, RuntimeError, ValueError) as exc:
             level = run.levels[min(len(done), len(run.levels) - 1)]
@@ -159,6 +163,9 @@ class Runner:
         on_gpu = point.backend.device_for(options) != "cpu" and any(
             d.vendor == "NVIDIA" for d in self.hardware.devices if d.kind == "gpu")
         meter: RaplMeter | NvmlMeter = NvmlMeter() if on_gpu else RaplMeter()
+        engine_process = session.engine_process()
+        if engine_process is not None:
+            point.memory = MemorySampler(*engine_process, gpu=on_gpu).start()
         origin = time.perf_counter_ns()
         label = f"{result.backend} {level.label}"
         arrivals = Arrivals(level.concurrency, level.rate_rps, config.duration_s, config.seed)
@@ -220,11 +227,15 @@ class Runner:
             options = point.run.backend_options[point.backend.name]
             peaks = figures.peaks_for(self.hardware, point.backend.device_for(options) == "cpu", dtype,
                                       point.backend.devices_used(options))
-            figures.efficiency(m, spec, found, result.engine, peaks)
+            figures.efficiency(m, spec, found, result.engine, peaks, result.placement, self.hardware)
             _, kv_dtype, wb = figures.served_bytes(result.engine)
             result.decode_steps = metrics.steps_record(found.steps, found.source, found.method, dtype or "unknown",
                                                        kv_dtype, wb)
         metrics.energy(m, joules, meter.source if joules is not None else None, meter.reason)
+        peak = point.memory.stop() if point.memory else None
+        figures.memory(m, peak.peak_bytes if peak else None,
+                       peak.method if peak else "an attached server's processes are not capbench's to measure",
+                       peak.device_bytes if peak else None, session.kv_capacity_tokens, self._memory_need(point, dtype))
         figures.price(m, self.cost, self.hardware)
         metrics.goodput(m, main.records, point.run.config.slo, main.window_ns)
         if report is not None:
@@ -236,6 +247,17 @@ class Runner:
             m.notes.update({f"engine.{k}": v for k, v in report.notes.items()})
         result.requests = records
         result.metrics = m
+
+
+    @staticmethod
+    def _memory_need(point: Point, dtype: str | None) -> figures.MemoryNeed | None:
+        """Weights in the served dtype and the KV cache of this level's sequences at the run's context."""
+        from capbench_core.analytics.checkpoint import max_context
+
+        if point.spec is None or dtype not in DTYPE_BYTES or point.shape is None:
+            return None
+        context = point.shape.context_for(max_context(point.run.model)) or 2048
+        return figures.memory_need(point.spec, str(dtype), point.level.concurrency, context)
 
 
 def analytics_of(run: ResolvedRun) -> tuple[ModelSpec | None, str | None]:

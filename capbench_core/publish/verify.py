@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from capbench_core.analytics import metrics
+from capbench_core.analytics.figures import tier_bandwidths
 from capbench_core.analytics.model_spec import ModelSpec, spec_from_config
-from capbench_core.analytics.weights import WeightBytes
+from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.records import Metrics, RunResult
 from capbench_core.errors import CapbenchError
 
@@ -35,9 +36,11 @@ LATENCY_FIELDS = ("num_requests", "num_completed", "num_failed", "error_kinds", 
                                                                                  "e2e_ms")
                                                                for s in ("mean", "p50", "p90", "p99")))
 EFFICIENCY_FIELDS = ("decode_steps", "decode_batch_mean", "decode_step_ms_mean", "bytes_per_decode_step_mean",
-                     "flops_per_decode_step_mean", "experts_activated_per_layer_mean", "s_mbu", "s_mfu")
+                     "flops_per_decode_step_mean", "experts_activated_per_layer_mean", "s_mbu", "s_mbu_tiers",
+                     "s_mbu_single", "s_mfu")
 REPORTED_ONLY = ("energy_j", "energy_j_per_output_token", "duration_s", "server_ttft_ms_mean",
-                 "server_tpot_ms_mean", "server_e2e_ms_mean")
+                 "server_tpot_ms_mean", "server_e2e_ms_mean", "mem_peak_gb", "device_mem_peak_gb",
+                 "kv_capacity_tokens", "kv_gb_predicted")
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,12 @@ def _model(r: RunResult) -> Iterator[Finding]:
         stated, derived = getattr(r.model, name), getattr(spec, name)
         if not _same(stated, derived):
             yield Finding(f"model.{name}", stated, derived, "counted from the model's own config")
+    predicted = r.metrics.weights_gb_predicted
+    if predicted is not None and r.model.dtype in DTYPE_BYTES:
+        expected = spec.weight_bytes(r.model.dtype) / 1e9
+        if not _same(predicted, expected):
+            yield Finding("metrics.weights_gb_predicted", predicted, expected,
+                          f"every weight of the model's config in {r.model.dtype}")
 
 
 def _shares(hw: Any, accelerator: list[float | None], cpu: list[float | None]) -> set[float]:
@@ -253,8 +262,12 @@ def _efficiency(r: RunResult) -> Iterator[Finding]:
     except (CapbenchError, TypeError) as exc:
         yield Finding("decode_steps.weight_bytes", steps.weight_bytes, None, f"not bytes per weight: {exc}")
         return
-    metrics.sparse_efficiency(derived, spec, metrics.stored_steps(steps), steps.source, steps.method, steps.dtype,
+    stored = metrics.stored_steps(steps)
+    metrics.sparse_efficiency(derived, spec, stored, steps.source, steps.method, steps.dtype,
                               m.peak_mem_bw_gbps, m.peak_flops_tflops, steps.kv_dtype, wb)
+    if derived.s_mbu is not None:
+        metrics.tiered_mbu(derived, spec, stored, steps.dtype, r.placement,
+                           tier_bandwidths(hw, m.peak_mem_bw_gbps), steps.kv_dtype, wb)
     yield from _compare("metrics", m, derived, EFFICIENCY_FIELDS)
 
 

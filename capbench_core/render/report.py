@@ -57,6 +57,14 @@ def _experts_short(r: RunResult) -> str:
     return f"{m.experts_activated_per_layer_mean:.2f} {'meas' if m.expert_activation_source == 'measured' else 'est'}"
 
 
+def _cost_short(r: RunResult) -> str:
+    """$/Mtok, marked ``est`` when the price is an estimate nobody gave (docs/metrics.md, cost_basis)."""
+    m = r.metrics
+    if m.cost_usd_per_mtok is None:
+        return DASH
+    return f"{m.cost_usd_per_mtok:.3g}{' est' if m.cost_basis == 'estimate' else ''}"
+
+
 def _variant(r: RunResult) -> str:
     return r.engine.variant if r.engine and r.engine.variant else ""
 
@@ -70,10 +78,11 @@ COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("TPOT", lambda r: _fmt(r.metrics.tpot_ms_p50, ".2f")),
     ("tok/s", lambda r: _fmt(r.metrics.output_tok_per_s, ".1f")),
     ("acc", _accuracy_short),
+    ("$/Mtok", _cost_short),
     ("A", _experts_short),
     ("S-MBU", lambda r: _pct(r.metrics.s_mbu)),
+    ("mem GB", lambda r: _fmt(r.metrics.mem_peak_gb, ".3g")),
     ("S-MFU", lambda r: _pct(r.metrics.s_mfu)),
-    ("$/Mtok", lambda r: _fmt(r.metrics.cost_usd_per_mtok, ".4g")),
     ("J/token", lambda r: _fmt(r.metrics.energy_j_per_output_token, ".4g")),
     ("status", lambda r: r.status),
     ("server TTFT ms", lambda r: _fmt(r.metrics.server_ttft_ms_mean, ".2f")),
@@ -81,11 +90,12 @@ COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
 ]
 ESSENTIAL = 6  # backend .. tok/s: below this, one block per row reads better than a table
 LEGEND = ("TTFT/TPOT: client p50, ms; tok/s: output tokens/s; acc: accuracy; A: distinct experts per MoE layer "
-          "per decode step (meas = measured, est = uniform-routing estimate); server TTFT/TPOT: the engine's own "
-          "means, ms")
+          "per decode step (meas = measured, est = uniform-routing estimate); $/Mtok: per million output tokens "
+          "(est = an estimated price, see cost_model); mem GB: measured peak memory of the engine's processes; "
+          "server TTFT/TPOT: the engine's own means, ms")
 
 NOTE_KEYS = {"cost_usd_per_mtok": "$/Mtok", "energy_j": "J/token", "s_mbu": "S-MBU", "s_mfu": "S-MFU",
-             "accuracy": "accuracy"}
+             "accuracy": "accuracy", "mem_peak_gb": "mem GB"}
 
 
 def _shown(results: Sequence[RunResult]) -> list[tuple[str, Callable[[RunResult], str]]]:
@@ -325,15 +335,21 @@ def print_moe_cap(console: Console, rows: Sequence[dict[str, Any]], as_json: boo
     table = Table(title=Text("S-MBU and S-MFU: capbench's definitions beside MoE-CAP's (docs/metrics.md lists every "
                              "difference)"), title_justify="left")
     notes = list(dict.fromkeys(row["note"] for row in rows))  # said once under the table, numbered when several
-    columns = ["backend", "load", "S-MBU", "S-MBU MoE-CAP", "S-MFU", "S-MFU MoE-CAP"]
+    tiered = any(row.get("s_mbu_single") is not None for row in rows)
+    columns = ["backend", "load", "S-MBU", *(["S-MBU single"] if tiered else []), "S-MBU MoE-CAP", "S-MFU",
+               "S-MFU MoE-CAP"]
     columns += ["how"] if len(notes) > 1 else []
     for col in columns:
         table.add_column(col, justify="left" if col in ("backend", "load", "how") else "right")
     for row in rows:
         how = [f"[{notes.index(row['note']) + 1}]"] if len(notes) > 1 else []
-        table.add_row(Text(row["backend"]), row["load"], _pct(row["s_mbu"]), _pct(row["moe_cap_s_mbu"]),
+        single = [_pct(row.get("s_mbu_single"))] if tiered else []
+        table.add_row(Text(row["backend"]), row["load"], _pct(row["s_mbu"]), *single, _pct(row["moe_cap_s_mbu"]),
                       _pct(row["s_mfu"]), _pct(row["moe_cap_s_mfu"]), *how)
     print_fit(console, table)
+    if tiered:
+        print_note(console, "S-MBU of rows whose experts sit off the accelerator is tiered (each memory and link "
+                            "over its own bandwidth); S-MBU single: every byte over the device's bandwidth")
     for i, note in enumerate(notes, 1):
         print_note(console, f"{f'[{i}] ' if len(notes) > 1 else ''}how: {note}")
 
@@ -423,3 +439,36 @@ def measured_table(study: dict[str, Any]) -> Table:
             "—" if p["error"] is None else f"{p['error'] * 100:+.0f} %", _fmt(p["tok_per_s"], ".0f"),
             p["status"] + (f": {p['note']}" if p["note"] else ""))))
     return table
+
+
+PLACEMENT_RESOURCES = {"device_mem": "HBM", "device_compute": "GPU FLOPs", "host_dram": "DRAM",
+                       "host_compute": "CPU FLOPs", "pcie": "PCIe", "nvlink": "NVLink", "infiniband": "IB"}
+
+
+def print_placement(console: Console, study: dict[str, Any]) -> None:
+    """`capbench study placement`: one row per (placement, batch): bytes and bound time per resource, the
+    bottleneck, tokens/s, memory per device, $/Mtok."""
+    system = study["system"]
+    title = (f"Placement of {study['model']} ({study['dtype']}, {study['weights_gb']:.1f} GB of weights, context "
+             f"{study['context']}) on {system['name']} — a bytes-over-bandwidth bound, not a measurement")
+    table = Table(title=Text(title), title_justify="left")
+    for col in ("placement", "B", "bytes/step (GB) by resource", "bottleneck", "step ms", "tok/s", "GB/device",
+                "host GB", "fits", "$/Mtok"):
+        table.add_column(col, justify="left" if col in ("placement", "bytes/step (GB) by resource", "bottleneck")
+                         else "right")
+    for r in study["rows"]:
+        moved = ", ".join(f"{PLACEMENT_RESOURCES[k]} {v / 1e9:.3g}" for k, v in r["bytes"].items())
+        table.add_row(Text(r["placement"]), str(r["batch"]), Text(moved),
+                      Text(f"{PLACEMENT_RESOURCES.get(r['bottleneck'], r['bottleneck'])} ({r['composition']})"),
+                      f"{r['step_ms']:.3g}", f"{r['tok_per_s']:.4g}", _fmt(r["memory_per_device_gb"], ".3g"),
+                      f"{r['host_memory_gb']:.3g}", "yes" if r["fits"] else "no", _fmt(r["usd_per_mtok"], ".3g"))
+    print_fit(console, table, wrap=("bytes/step (GB) by resource",))
+    bw = ", ".join(f"{label} {system[key]:g} GB/s" for key, label in (
+        ("device_mem_gbps", "HBM"), ("host_dram_gbps", "DRAM"), ("pcie_gbps", "PCIe"), ("nvlink_gbps", "NVLink"),
+        ("infiniband_gbps", "IB")) if system.get(key))
+    print_note(console, f"bandwidths per device and direction: {bw}; price: {system['price_source']}")
+    print_note(console, study["method"])
+    for note in dict.fromkeys(n for r in study["rows"] for n in r["notes"]):
+        print_note(console, note)
+    estimated = {r["experts_source"] for r in study["rows"]}
+    print_note(console, f"experts touched per layer: {', '.join(sorted(estimated))}")

@@ -95,20 +95,26 @@ class OpenAISession(Session):
     fields (llama.cpp's ``repeat_penalty``); ``serial_decode`` tells the runner
     the engine decodes one request at a time; ``probe`` reads the engine's own
     metrics (and, for SGLang, its expert recorder) around the measured window.
-    ``engine_process``, set for a server capbench launched, says how it died.
+    ``server``, set for a server capbench launched, says how it died and whose memory to sample.
     """
 
-    engine_process: Server | None = None
+    server: Server | None = None
+
+    def engine_process(self) -> tuple[int, str] | None:
+        """The server capbench launched (its process group holds every worker); None for an attached one."""
+        if self.server is None:
+            return None
+        return self.server.process.pid, f"the {self.engine.name} process capbench launched"
 
     def failure_cause(self) -> str | None:
         """A launched engine that exited: how; one still up: the error its log names, if any."""
-        if self.engine_process is None:
+        if self.server is None:
             return None
-        died = self.engine_process.died("during the run")
+        died = self.server.died("during the run")
         if died is not None:
             return died
-        logged = found_error(self.engine_process.log_path)
-        return f"the engine's log says: {logged} (log: {self.engine_process.log_path})" if logged else None
+        logged = found_error(self.server.log_path)
+        return f"the engine's log says: {logged} (log: {self.server.log_path})" if logged else None
 
     def __init__(self, base_url: str, model: str, engine: EngineInfo,
                  count_tokens: Callable[[str], int] | None = None, api_key: str | None = None,

@@ -61,6 +61,25 @@ def parse(text: str) -> dict[str, float]:
     return out
 
 
+def labels_of(base_url: str, metric: str, timeout_s: float = 10.0) -> dict[str, str] | None:
+    """The labels of the first sample of ``metric`` (an info-style gauge, e.g. vLLM's cache_config_info), or
+    None when the engine does not export it or cannot be read."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout_s)
+        if resp.status_code != 200:
+            return None
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                if sample.name == metric:
+                    return dict(sample.labels)
+    except (httpx.HTTPError, ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
 def scrape(base_url: str, timeout_s: float = 10.0) -> dict[str, float]:
     import httpx
 

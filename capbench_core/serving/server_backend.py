@@ -31,7 +31,7 @@ from capbench_core.contract.backend import (
 )
 from capbench_core.contract.engine_env import EngineDevice, Recipe
 from capbench_core.contract.options import BackendOptions, option
-from capbench_core.contract.records import HardwareSpec
+from capbench_core.contract.records import HardwareSpec, Placement, TierUse
 from capbench_core.errors import CapbenchError
 from capbench_core.measure.nvml import cuda_gpus
 from capbench_core.serving import environments
@@ -173,6 +173,10 @@ class ServerBackend(Backend):
         checkpoint's when the user did not."""
         return str(opts.get("dtype") or checkpoint_dtype(model))
 
+    def kv_capacity(self, base_url: str, opts: Mapping[str, Any]) -> int | None:
+        """Tokens the running engine's KV cache holds, as it reports them; None where it does not."""
+        return None
+
     def served_kv_dtype(self, opts: Mapping[str, Any]) -> str | None:
         """The KV-cache dtype the engine runs with these options (its ``kv_cache_dtype``; None: the weights')."""
         kv = str(opts.get("kv_cache_dtype") or "auto")
@@ -265,7 +269,9 @@ class ServerBackend(Backend):
         url, name = attach(opts, model.name)
         info = EngineInfo(self.engine_name or self.name, self.version(url), {"endpoint": url, "served_model": name},
                           weight_dtype=self.attached_dtype(opts, url))
-        return self.session(url, name, info, counter, self.probe(url, opts, None), opts)
+        session = self.session(url, name, info, counter, self.probe(url, opts, None), opts)
+        session.kv_capacity_tokens = self.kv_capacity(url, opts)
+        return session
 
     @contextmanager
     def _launched(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape, found: Resolved,
@@ -291,8 +297,31 @@ class ServerBackend(Backend):
             session = self.session(server.base_url, name, info, counter, self.probe(server.base_url, opts, run_dir),
                                    opts)
             if isinstance(session, OpenAISession):
-                session.engine_process = server
+                session.server = server
+            session.kv_capacity_tokens = self.kv_capacity(server.base_url, opts)
             yield session
+
+
+def server_placement(backend: Backend, options: Mapping[str, Any], ep: int, a2a: str) -> Placement:
+    """A GPU server's placement from its parallel sizes and host offload (on a CPU build: all in host memory)."""
+    layout = {"tp": int(options.get("tp") or 1), "pp": int(options.get("pp") or 1), "dp": int(options.get("dp") or 1),
+              "ep": ep, "all_to_all": a2a if ep > 1 else None}
+    named = ", ".join(f"{k}={options[k]}" for k in sorted(options) if k in PLACEMENT_KEYS and options[k] is not None)
+    source = f"{backend.name} options{': ' + named if named else ' (defaults)'}"
+    if backend.device_for(options) == "cpu":
+        return Placement.uniform("host", f"{source}; a CPU build: every weight in host memory", **layout)
+    placement = Placement.uniform("device", source, **layout)
+    offload = float(options.get("cpu_offload_gb") or 0)
+    if offload:
+        fetched = TierUse(tier="split", execution="host_fetch", detail=f"{offload:g} GB per GPU in host memory, "
+                                                                       f"streamed to the GPU as layers run")
+        placement.weights.update({"attention_dense": fetched, "routed_experts": fetched, "shared_experts": fetched})
+        placement.host_offload_gb = offload
+    return placement
+
+
+PLACEMENT_KEYS = ("tp", "pp", "dp", "ep", "enable_expert_parallel", "all2all_backend", "moe_a2a_backend",
+                  "cpu_offload_gb")
 
 
 def get_json(url: str) -> dict[str, Any] | None:

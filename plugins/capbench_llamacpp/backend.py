@@ -364,6 +364,7 @@ class LlamaCppBackend(Backend):
                               weight_dtype=gguf_weight_dtype(gguf), kv_dtype=GGML_KV[opts["kv_type"]],
                               weight_bytes=from_gguf(gguf).record())
             session = LlamaCppSession(llm, info, model.path)
+            session.kv_capacity_tokens = llm.n_ctx()
             try:
                 yield session
             finally:

@@ -20,6 +20,7 @@ through, validated and recorded.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -42,6 +43,7 @@ from capbench_core.contract.backend import (
 )
 from capbench_core.contract.engine_env import Context, EngineDevice, Recipe, Step, home, installed
 from capbench_core.contract.options import flag, option
+from capbench_core.contract.records import Placement, TierUse
 from capbench_core.serving.environments import EngineUnavailable, Resolved
 from capbench_core.serving.openai_client import OpenAISession
 from capbench_core.serving.scrape import EngineProbe, MetricTable
@@ -285,6 +287,41 @@ class LlamaCppServerBackend(ServerBackend):
     def attached_dtype(self, opts: Mapping[str, Any], base_url: str) -> str | None:
         """The GGUF named by ``gguf=`` when given, else the one the server reports."""
         return gguf_file_dtype(Path(str(opts["gguf"]))) if opts.get("gguf") else self.reported_dtype(base_url)
+
+    def placement(self, options: Mapping[str, Any]) -> Placement:
+        """llama.cpp's placement knobs: --n-gpu-layers (0: all in host memory), --n-cpu-moe N (the first N
+        layers' experts in host memory, computed by the CPU at decode), --override-tensor '...exps...=CPU' (every
+        routed expert there). A CPU build keeps everything in host memory whatever they say."""
+        named = [f"{k}={options[k]}" for k in ("n_gpu_layers", "n_cpu_moe", "override_tensor")
+                 if options.get(k) is not None]
+        source = f"llama-server options: {', '.join(named) if named else 'defaults'}"
+        try:
+            cuda = self.resolve(options).device == "cuda"
+        except EngineUnavailable:
+            cuda = False
+        if not cuda:
+            return Placement.uniform("host", f"{source}; a CPU build: every weight in host memory"
+                                             f"{' (the placement options have no GPU to act on)' if named else ''}")
+        if str(options.get("n_gpu_layers")) == "0":
+            return Placement.uniform("host", source)
+        placement = Placement.uniform("device", source)
+        on_cpu = TierUse(tier="host", execution="host_compute", detail="computed by the CPU at decode (llama.cpp "
+                                                                       "streams them to the GPU for big prefills)")
+        if re.search(r"exps[^=]*=\s*CPU", str(options.get("override_tensor") or ""), re.IGNORECASE):
+            placement.weights["routed_experts"] = on_cpu
+        elif options.get("n_cpu_moe"):
+            n = int(options["n_cpu_moe"])
+            placement.weights["routed_experts"] = TierUse(tier="split", execution="host_compute",
+                                                          detail=f"the first {n} layers' experts in host memory")
+            placement.host_expert_layers = n
+        return placement
+
+    def kv_capacity(self, base_url: str, opts: Mapping[str, Any]) -> int | None:
+        """llama-server's context: per-slot n_ctx (``/props`` default_generation_settings) x its slots."""
+        props = get_json(base_url + "/props") or {}
+        per_slot = (props.get("default_generation_settings") or {}).get("n_ctx")
+        slots = props.get("total_slots")
+        return int(per_slot) * int(slots) if per_slot and slots else None
 
     def reported_dtype(self, base_url: str) -> str | None:
         """An attached llama-server names its GGUF (``/props`` model_path); when that file is readable here, its

@@ -28,11 +28,19 @@ from capbench_core import hookimpl
 from capbench_core.contract.backend import LoadShape, ModelRef
 from capbench_core.contract.engine_env import TORCH_CPU_PIN, Context, EngineDevice, Recipe, Step, venv_steps
 from capbench_core.contract.options import flag, option
+from capbench_core.contract.records import Placement
 from capbench_core.contract.registry import BackendRegistry, EngineRegistry
 from capbench_core.errors import CapbenchError
 from capbench_core.serving.environments import Resolved
 from capbench_core.serving.scrape import EngineProbe, ExpertRecorder, MetricTable
-from capbench_core.serving.server_backend import ServerBackend, ServerOptions, checkpoint_dtype, get_json, model_max_len
+from capbench_core.serving.server_backend import (
+    ServerBackend,
+    ServerOptions,
+    checkpoint_dtype,
+    get_json,
+    model_max_len,
+    server_placement,
+)
 
 VERSION = "0.5.23"
 SHIM = Path(__file__).resolve().parent / "cpu_shim"
@@ -173,6 +181,9 @@ class SGLangOptions(ServerOptions):
     pp: int | None = flag("--pp-size", "pipeline parallel size", ge=1)
     dp: int | None = flag("--dp-size", "data parallel size", ge=1)
     ep: int | None = flag("--ep-size", "expert parallel size", ge=1)
+    moe_a2a_backend: str | None = flag("--moe-a2a-backend", "EP dispatch/combine backend (none, deepep, mooncake, "
+                                                           "...)")
+    cpu_offload_gb: float | None = flag("--cpu-offload-gb", "GB of weights kept in host memory", ge=0)
     quantization: str | None = flag("--quantization", "quantisation method (fp8, awq, gptq, ...)")
     seed: int = flag("--random-seed", "engine seed", 0)
     recorder: str = flag("--expert-distribution-recorder-mode", "expert recorder mode (per_token: decode passes "
@@ -235,6 +246,24 @@ class SGLangBackend(ServerBackend):
         if found.device == "cpu" and "using torch native backend" in text:
             return TORCH_NATIVE if found.variant in ("cpu", TORCH_NATIVE) else f"{found.variant}; torch native backend"
         return found.variant
+
+    def placement(self, options: Mapping[str, Any]) -> Placement:
+        """From tp/pp/dp, --ep-size, --moe-a2a-backend and --cpu-offload-gb."""
+        return server_placement(self, options, ep=int(options.get("ep") or 1),
+                                a2a=options.get("moe_a2a_backend") or "none")
+
+    def kv_capacity(self, base_url: str, opts: Mapping[str, Any]) -> int | None:
+        """SGLang's own KV pool size in tokens (its server info, or the sglang:max_total_num_tokens gauge)."""
+        from capbench_core.serving.scrape import ScrapeError, scrape
+
+        doc = get_json(base_url + "/server_info") or get_json(base_url + "/get_server_info") or {}
+        tokens = doc.get("max_total_num_tokens")
+        if tokens is None:
+            try:
+                tokens = scrape(base_url).get("sglang:max_total_num_tokens")
+            except ScrapeError:
+                return None
+        return int(tokens) if tokens else None
 
     def reported_dtype(self, base_url: str) -> str | None:
         """An attached SGLang says its --dtype in its server info (``auto``: not said)."""

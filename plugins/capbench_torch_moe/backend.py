@@ -94,6 +94,8 @@ class TorchMoEBackend(Backend):
                           {**opts, "max_model_len": engine.max_model_len, "threads": engine.threads},
                           weight_dtype=opts["dtype"])
         try:
-            yield TorchMoESession(engine, info, model.path)
+            session = TorchMoESession(engine, info, model.path)
+            session.kv_capacity_tokens = engine.cache.slots * engine.cache.max_len
+            yield session
         finally:
             engine.close()

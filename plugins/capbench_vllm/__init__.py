@@ -28,12 +28,20 @@ from capbench_core.analytics.figures import engine_decode_steps
 from capbench_core.contract.backend import DecodeSource, DecodeWindow, EngineInfo, LoadShape, ModelRef, Request, Session
 from capbench_core.contract.engine_env import Context, EngineDevice, Recipe, Step, venv_steps
 from capbench_core.contract.options import flag, option
+from capbench_core.contract.records import Placement
 from capbench_core.contract.registry import BackendRegistry, EngineRegistry
 from capbench_core.contract.window import ExpertCounts
 from capbench_core.serving.environments import Resolved
 from capbench_core.serving.openai_client import OpenAISession
 from capbench_core.serving.scrape import EngineProbe, MetricTable
-from capbench_core.serving.server_backend import ServerBackend, ServerOptions, checkpoint_dtype, get_json, model_max_len
+from capbench_core.serving.server_backend import (
+    ServerBackend,
+    ServerOptions,
+    checkpoint_dtype,
+    get_json,
+    model_max_len,
+    server_placement,
+)
 
 VERSION = "0.32.0"
 # PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch, importing torchvision
@@ -110,6 +118,10 @@ class VLLMOptions(ServerOptions):
     pp: int | None = flag("--pipeline-parallel-size", "pipeline parallel size", ge=1)
     dp: int | None = flag("--data-parallel-size", "data parallel size", ge=1)
     enable_expert_parallel: bool | None = flag("--enable-expert-parallel", "expert parallelism for MoE layers")
+    all2all_backend: str | None = flag("--all2all-backend", "EP dispatch/combine backend (allgather_reducescatter, "
+                                                          "deepep_high_throughput, deepep_low_latency, ...)")
+    cpu_offload_gb: float | None = flag("--cpu-offload-gb", "GiB of weights per GPU kept in host memory and "
+                                                           "fetched over PCIe (UVA)", ge=0)
     quantization: str | None = flag("--quantization", "quantisation method (fp8, awq, gptq, ...)")
     kv_cache_dtype: str | None = flag("--kv-cache-dtype", "KV cache dtype")
     enforce_eager: bool | None = flag("--enforce-eager", "disable CUDA graphs / compilation")
@@ -162,6 +174,23 @@ class VLLMBackend(ServerBackend):
                 opts: Mapping[str, Any]) -> Session:
         routed = bool(opts.get("return_routed_experts"))
         return VLLMSession(url, name, info, counter, probe=probe, routed_experts=routed)
+
+    def placement(self, options: Mapping[str, Any]) -> Placement:
+        """From tp/pp/dp, --enable-expert-parallel (EP = tp x dp, vLLM's rule), --all2all-backend and
+        --cpu-offload-gb (whole layers' weights in host memory, streamed to the GPU)."""
+        return server_placement(self, options, ep=(int(options.get("tp") or 1) * int(options.get("dp") or 1)
+                                                   if options.get("enable_expert_parallel") else 1),
+                                a2a=options.get("all2all_backend") or "allgather_reducescatter")
+
+    def kv_capacity(self, base_url: str, opts: Mapping[str, Any]) -> int | None:
+        """vLLM's cache_config_info: KV blocks x tokens per block."""
+        from capbench_core.serving.scrape import labels_of
+
+        labels = labels_of(base_url, "vllm:cache_config_info") or {}
+        try:
+            return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+        except (KeyError, ValueError):
+            return None
 
     def version(self, base_url: str) -> str:
         doc = get_json(base_url + "/version")
