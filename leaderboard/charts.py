@@ -207,3 +207,65 @@ def lines(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], x_label: 
         out.append(Series(name, PALETTE[i % len(PALETTE)], ps, " ".join(f"{p.x},{p.y}" for p in ps)))
     return Scatter(width, height, (left, top, right, bottom), [(sx(v), f"{v:g}") for v in x_ticks_v],
                    [(sy(v), f"{v:g}") for v in y_ticks_v], out, "", [])
+
+
+@dataclass(frozen=True)
+class Cell:
+    x: float
+    y: float
+    fill: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A row's routing: one cell per (MoE layer, expert), shaded by the expert's share of the layer's tokens,
+    and one bar per layer for its imbalance (max / mean load)."""
+
+    backend: str
+    load: str
+    width: int
+    height: int
+    cell_w: float
+    cell_h: float
+    cells: list[Cell]
+    layers: int
+    experts: int
+    bars: list[tuple[float, float, float, str]]  # x, y, height, title
+    bar_top: float
+    bar_scale_max: float
+    method: str
+
+
+def _shade(share: float, top: float) -> str:
+    """White (no tokens) to the palette's blue (the hottest cell of the map)."""
+    t = share / top if top else 0.0
+    r, g, b = (int(255 + (c - 255) * t) for c in (0x1F, 0x77, 0xB4))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap(run: RunResult, max_width: int = 560) -> Heatmap | None:
+    """The layer x expert heatmap and per-layer imbalance bars of a run that measured its routing."""
+    from capbench_core.analytics.routing import imbalance
+
+    if run.routing is None or not run.routing.tokens:
+        return None
+    tokens = run.routing.tokens
+    layers, experts = len(tokens), len(tokens[0])
+    cell_w = max(2.0, min(18.0, (max_width - 60) / experts))
+    cell_h = max(4.0, min(18.0, 240 / layers))
+    shares = [[n / sum(row) if sum(row) else 0.0 for n in row] for row in tokens]
+    top = max((s for row in shares for s in row), default=0.0)
+    cells = [Cell(round(50 + e * cell_w, 1), round(10 + layer * cell_h, 1), _shade(s, top),
+                  f"layer {layer}, expert {e}: {tokens[layer][e]} tokens ({s:.1%} of the layer's)")
+             for layer, row in enumerate(shares) for e, s in enumerate(row)]
+    grid_h = 10 + layers * cell_h
+    values = [imbalance(row) or 0.0 for row in tokens]
+    scale = max(values + [1.0])
+    bar_top, bar_h = grid_h + 30, 80.0
+    bar_w = max(2.0, (max_width - 60) / layers)
+    bars = [(round(50 + i * bar_w, 1), round(bar_top + bar_h * (1 - v / scale), 1), round(bar_h * v / scale, 1),
+             f"layer {i}: imbalance {v:.2f} (max / mean expert load)") for i, v in enumerate(values)]
+    width = int(max(50 + experts * cell_w, 50 + layers * bar_w) + 10)
+    return Heatmap(run.backend, run_load(run), width, int(bar_top + bar_h + 24), cell_w, cell_h, cells, layers,
+                   experts, bars, bar_top, scale, run.routing.method)

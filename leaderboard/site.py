@@ -47,6 +47,7 @@ class Section:
     anchor: str
     radar: charts.Radar | None = None
     scatter: charts.Scatter | None = None
+    routing: list[charts.Heatmap] = field(default_factory=list)
 
 
 @dataclass
@@ -82,8 +83,18 @@ def groups(results: Sequence[RunResult]) -> list[HardwareGroup]:
         section = Section(model, task, workload, runs, anchor=f"s{len(group.sections) + 1}")
         section.radar = charts.radar(runs)
         section.scatter = charts.throughput_latency(runs)
+        section.routing = _routing_maps(runs)
         group.sections.append(section)
     return sorted(by_fp.values(), key=lambda g: (-g.runs, g.fingerprint))
+
+
+def _routing_maps(runs: Sequence[RunResult]) -> list[charts.Heatmap]:
+    """Per backend that measured routing, the heatmap of its highest-load row."""
+    best: dict[str, RunResult] = {}
+    for r in runs:
+        if r.routing is not None:
+            best[r.backend] = r  # runs are sorted by load within a backend: the last is the highest
+    return [m for m in (charts.heatmap(r) for r in best.values()) if m is not None]
 
 
 def _env() -> Any:

@@ -305,3 +305,37 @@ def test_signed_import_with_a_trusted_key_and_a_strangers(tmp_path: Path, db_url
     run_cli("leaderboard", "build", "--db", db_url, "--out", str(site), check=True)
     page = next((site / "hw").glob("*.html")).read_text()
     assert page.count("Lab A (signed)") == 2 and "reported, not re-derived" in page
+
+
+def _uneven_layers(doc: dict) -> None:  # type: ignore[type-arg]
+    _run(doc)["routing"]["tokens"][0][0] += 1
+
+
+def _balanced_loads(doc: dict) -> None:  # type: ignore[type-arg]
+    """Claim perfectly even routing, and keep the stated figures consistent with the claim."""
+    run = _run(doc)
+    tokens = run["routing"]["tokens"]
+    total, width = sum(tokens[0]), len(tokens[0])
+    run["routing"]["tokens"] = [[total // width] * width for _ in tokens]
+    run["metrics"]["routing_imbalance_mean"] = 1.0
+
+
+ROUTING_FORGERIES = [
+    ("even-router", lambda d: _run(d)["metrics"].update(routing_imbalance_max=1.0),
+     "runs.0.metrics.routing_imbalance_max: stated 1"),
+    ("uneven-layers", _uneven_layers, "every MoE layer routes the same decode tokens"),
+    ("extra-expert", lambda d: [layer.append(0) for layer in _run(d)["routing"]["tokens"]],
+     "one row of num_experts loads per MoE layer"),
+    ("balanced", _balanced_loads, "runs.0.metrics.routing_imbalance_max: stated"),
+    ("orphan-figure", lambda d: _run(d).update(routing=None), "a routing figure without routing loads"),
+]
+
+
+@pytest.mark.parametrize("name,edit,reason", ROUTING_FORGERIES, ids=[f[0] for f in ROUTING_FORGERIES])
+def test_forged_routing_is_refused(name: str, edit, reason: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                   genuine_runs: list) -> None:  # type: ignore[type-arg]
+    measured = [r for r in genuine_runs if r.routing is not None]
+    assert measured and all(r.backend == "torch_moe" for r in measured)
+    path = _bundle(tmp_path, f"{name}.json", measured[:1], _rehash(edit))
+    verify = run_cli("verify", str(path))
+    assert verify.returncode == 1 and reason in verify.stderr, verify.stderr

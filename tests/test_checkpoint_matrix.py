@@ -65,6 +65,32 @@ def test_every_cell_measures_or_states_the_engine_limit(rows: tuple[str, dict[st
     _report_agreement(arch, by_backend)
 
 
+def test_routing_is_stored_where_measured_and_lends_its_shape_elsewhere(rows: tuple[str, dict[str, Any]]) -> None:
+    """torch_moe (and SGLang where its recorder runs) store per-expert loads; every other batching row's A is
+    estimated from torch_moe's measured routing, and says so (in-process llama.cpp decodes one sequence at a
+    time: exactly top_k)."""
+    arch, by_backend = rows
+    reference = by_backend["torch_moe"]
+    experts, top_k = reference["model"]["num_experts"], reference["model"]["top_k"]
+    layers = len(reference["routing"]["tokens"])
+    for backend, r in by_backend.items():
+        if r["status"] != "complete":
+            continue
+        if r["routing"] is None:
+            assert backend not in ("torch_moe",) and not (arch == "qwen3_moe" and backend == "sglang"), backend
+            method = r["metrics"]["expert_activation_method"]
+            if backend == "llamacpp":
+                assert method.startswith("batch of 1"), method
+                continue
+            assert "estimated from torch_moe's measured routing" in method, (arch, backend, method)
+            continue
+        tokens = r["routing"]["tokens"]
+        totals = {sum(layer) for layer in tokens}
+        assert len(tokens) == layers and {len(layer) for layer in tokens} == {experts}, (arch, backend)
+        assert len(totals) == 1 and totals.pop() % top_k == 0, (arch, backend, tokens)
+        assert r["metrics"]["routing_imbalance_max"] >= r["metrics"]["routing_imbalance_mean"] >= 1.0
+
+
 def _report_agreement(arch: str, by_backend: dict[str, Any]) -> None:
     outputs = {b: [q["output_text"] for q in sorted(r["requests"], key=lambda q: q["id"])]
                for b, r in by_backend.items() if r["status"] == "complete"}

@@ -141,3 +141,29 @@ def test_interrupt_stores_partial_run_and_exits_130(db_url: str, sig: signal.Sig
     assert result["metrics"]["ttft_ms_p50"] is not None
     with engine.connect() as conn:
         assert conn.execute(text("pragma integrity_check")).scalar() == "ok"
+
+
+def test_routing_real_vs_forced_and_borrowed_by_rows_that_cannot_measure(db_url: str) -> None:
+    """torch_moe stores its per-expert loads; the llamacpp_server row of the same run estimates A from them (labelled);
+    a forced-balanced torch_moe run is recorded as forced, and `compare --routing` / `show --routing` show both."""
+    common = ["--num-requests", "8", "--warmup", "1", "--concurrency", "4", "--db", db_url]
+    run_cli("run", "--backend", "torch_moe,llamacpp_server", *common, check=True)
+    run_cli("run", "--backend", "torch_moe", "--backend-option", "torch_moe:simulate_routing=round-robin", *common,
+            check=True)
+    from capbench_core.store import Store
+
+    rows = {(r.backend, r.routing.forced if r.routing else None): r for r in Store(db_url).runs()}
+    real, forced = rows[("torch_moe", None)], rows[("torch_moe", "round-robin")]
+    assert "estimated from torch_moe's measured routing" in str(rows[("llamacpp_server", None)].metrics
+                                                                .expert_activation_method)
+    assert (real.metrics.routing_imbalance_mean or 0) > (forced.metrics.routing_imbalance_mean or 0) > 0
+    assert "overridden (round-robin)" in forced.metrics.notes["routing"]
+
+    table = json.loads(run_cli("compare", "--routing", "--db", db_url, "--format", "json", check=True).stdout)
+    assert {(t["backend"], t["forced"]) for t in table} == {("torch_moe", None), ("torch_moe", "round-robin")}
+    assert all(set(t["ep_tax"]) == {"2", "4", "8"} and t["ep_link_bytes_per_token"]["8"]["total"] > 0
+               for t in table)
+    shown = run_cli("show", real.run_id, "--routing", "--db", db_url, check=True).stdout
+    assert "worst layers" in shown and "hottest experts" in shown and "EP8" in shown
+    said = run_cli("show", rows[("llamacpp_server", None)].run_id, "--routing", "--db", db_url, check=True).stdout
+    assert "did not measure its routing" in said

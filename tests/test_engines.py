@@ -124,7 +124,7 @@ def test_vllm_routed_experts_give_distinct_experts_per_rebuilt_step() -> None:
 
     import numpy as np
 
-    from capbench_vllm import decode_routed, distinct_per_step
+    from capbench_vllm import decode_routed, distinct_per_step, expert_loads
 
     a = [[[0, 1], [2, 3]], [[0, 1], [2, 4]]]           # 2 tokens, 2 layers, top-2
     b = np.array([[[1, 5], [3, 6]], [[6, 7], [3, 4]], [[0, 1], [2, 3]]], dtype=np.int16)  # 3 tokens
@@ -137,6 +137,8 @@ def test_vllm_routed_experts_give_distinct_experts_per_rebuilt_step() -> None:
     assert distinct_per_step(routed, 2) == pytest.approx([3.0, 8 / 3])
     # one at a time (c=1): every step is one token, exactly top-k
     assert distinct_per_step(routed, 1) == [2.0, 2.0]
+    # per-expert loads over all 5 tokens: layer 0 ids 0,1 | 0,1 | 1,5 | 6,7 | 0,1; layer 1 2,3 | 2,4 | 3,6 | 3,4 | 2,3
+    assert expert_loads(routed) == [[3, 4, 0, 0, 0, 1, 1, 1], [0, 0, 3, 4, 2, 0, 1, 0]]
 
 
 def test_llama_server_placement_options_are_validated_passed_and_kept() -> None:

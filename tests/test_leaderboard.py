@@ -174,12 +174,29 @@ def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # 
         assert ascending == sorted(ascending)
         throughput.click()
         assert rows.evaluate_all(column) == sorted(ascending, reverse=True)
+        heatmap = page.locator("svg.heatmap[data-backend='sglang']")
+        assert heatmap.is_visible() and heatmap.locator("rect.cell").count() == 3 * 8
+        assert heatmap.locator("rect.bar").count() == 3
+        hottest = heatmap.locator("rect.cell title", has_text="layer 0, expert 0:")
+        assert "40 tokens" in hottest.first.text_content()
+        heatmap.screenshot(path=str(tmp_path / "routing.png"))
         shot = tmp_path / "group.png"
         page.locator("svg.tput-latency").screenshot(path=str(shot))
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
     assert errors == []
     _assert_chart_is_drawn(shot)
+    _assert_heatmap_is_drawn(tmp_path / "routing.png")
+
+
+def _assert_heatmap_is_drawn(png: Path) -> None:
+    """The routing heatmap shows shades of the palette's blue (cells) and red bars, not a blank box."""
+    from PIL import Image
+
+    colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20) or []
+    blue = sum(count for count, (r, g, b) in colours if b > r + 40 and b > 150)
+    red = sum(count for count, (r, g, b) in colours if r > 180 and g < 80 and b < 80)
+    assert blue > 200 and red > 50, (blue, red)
 
 
 def _assert_chart_is_drawn(png: Path) -> None:

@@ -78,6 +78,7 @@ def test_vllm_serves_the_tiny_moe_and_its_metrics_agree_with_the_client(vllm_row
         assert r["model"]["dtype"] == "bfloat16"
         assert m["s_mfu"] is not None and m["s_mbu"] is not None  # bf16 CPU peak measured
         assert m["expert_activation_source"] == "estimated"
+        assert "estimated from torch_moe's measured routing" in m["expert_activation_method"]  # run before it
         argv = engine["launch_args"]["argv"]
         assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
         assert argv[argv.index("--max-num-seqs") + 1] == "4"  # the run's highest concurrency
@@ -129,6 +130,10 @@ def test_sglang_serves_the_tiny_moe_with_measured_expert_activation(sglang_rows:
         assert "decode passes" in m["expert_activation_method"] and "prefill passes left out" in \
             m["expert_activation_method"]
         assert m["server_ttft_ms_mean"] > 0
+        tokens = r["routing"]["tokens"]  # per-expert loads from the recorder, decode passes only
+        assert len(tokens) == r["model"]["config"]["num_hidden_layers"] and {len(t) for t in tokens} == {8}
+        assert len({sum(t) for t in tokens}) == 1 and sum(tokens[0]) % 2 == 0
+        assert m["routing_imbalance_max"] >= m["routing_imbalance_mean"] >= 1 and set(m["ep_tax"]) == {"2", "4", "8"}
 
 
 def test_sglang_expert_activation_crosschecks(sglang_rows: dict) -> None:  # type: ignore[type-arg]

@@ -114,6 +114,28 @@ def test_activation_counts_equal_brute_force_recount(tiny) -> None:
         assert stats.distinct_experts[layer] == sum(1 for n in tokens if n)
 
 
+def test_simulated_routing_balances_the_picks(tiny) -> None:
+    """simulate_routing: round-robin hands out experts in turn (every expert equally often), uniform draws k
+    distinct experts per token; the router's own picks are skewed on the same tokens."""
+    from capbench_core.analytics.routing import imbalance
+    from capbench_torch_moe.model import simulate_routing
+
+    model = load_hf(tiny.path)
+    e, k = model.cfg.num_experts, model.cfg.top_k
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * e])
+    loads = {}
+    for mode in (None, "round-robin", "uniform"):
+        simulate_routing(model, mode)
+        stats = ForwardStats()
+        with torch.no_grad():
+            model(tokens, stats)
+        loads[mode] = stats.expert_tokens
+    assert all(layer == [8 * k] * e for layer in loads["round-robin"])
+    assert all(sum(layer) == 8 * e * k for layer in loads["uniform"])
+    assert max(imbalance(layer) or 0 for layer in loads["uniform"]) < min(imbalance(layer) or 0
+                                                                          for layer in loads[None])
+
+
 def _generate(session: TorchMoESession, requests: list[Request]) -> list[str]:
     async def one(r: Request) -> str:
         return "".join([c.text async for c in session.stream(r)])

@@ -4,14 +4,17 @@ runner measures; this module computes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from capbench_core.analytics import cost, metrics
 from capbench_core.analytics.datasheets import match_accelerator
 from capbench_core.analytics.model_spec import ModelSpec
 from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
 from capbench_core.contract.backend import DecodeSource, DecodeWindow
-from capbench_core.contract.records import EngineInfo, HardwareSpec, Metrics, Placement
+from capbench_core.contract.records import EngineInfo, HardwareSpec, Metrics, Placement, Routing
+from capbench_core.contract.window import WindowReport
 
 SERIAL_METHOD = ("batch of 1 (the engine serves one request at a time): top_k experts per layer; step time = "
                  "window / output tokens (includes prefill: S-MBU is a lower bound)")
@@ -30,8 +33,15 @@ def client_decode_steps(window: DecodeWindow, spec: ModelSpec, serial: bool) -> 
         for step in steps:
             step.distinct_experts = list(report.experts_per_layer)
         return DecodeSource(steps, "measured", report.expert_method)
-    steps = metrics.client_side_steps(ok_records, spec, serial, span)
-    return DecodeSource(steps, "estimated", SERIAL_METHOD if serial else UNIFORM_METHOD)
+    shares = None if serial else window.routing_shares
+    steps = metrics.client_side_steps(ok_records, spec, serial, span, shares)
+    method = SERIAL_METHOD if serial else measured_estimate(window) if shares else UNIFORM_METHOD
+    return DecodeSource(steps, "estimated", method)
+
+
+def measured_estimate(window: DecodeWindow) -> str:
+    return (f"estimated from {window.routing_from}'s measured routing of the same model and workload: "
+            f"sum_e 1-(1-s_e)^B with its per-expert shares s_e, B = requests decoding at once")
 
 
 def engine_decode_steps(window: DecodeWindow, method: str) -> DecodeSource | None:
@@ -46,7 +56,9 @@ def engine_decode_steps(window: DecodeWindow, method: str) -> DecodeSource | Non
     if not (em.decode_batch_mean and em.server_tpot_ms_mean and em.generation_tokens):
         return None
     steps = metrics.server_side_steps(window.records, window.model, em.generation_tokens, em.server_tpot_ms_mean,
-                                      em.decode_batch_mean)
+                                      em.decode_batch_mean, window.routing_shares)
+    if window.routing_shares:
+        method = f"{method}; A instead {measured_estimate(window)}"
     return DecodeSource(steps, "estimated", method) if steps else None
 
 
@@ -98,6 +110,39 @@ def efficiency(m: Metrics, spec: ModelSpec, found: DecodeSource, engine: EngineI
     if hardware is not None and dtype is not None and m.s_mbu is not None:
         metrics.tiered_mbu(m, spec, found.steps, dtype, placement, tier_bandwidths(hardware, peaks.mem_bw_gbps),
                            kv_dtype, wb)
+
+
+def routing(m: Metrics, found: DecodeSource, report: WindowReport | None, spec: ModelSpec,
+            options: Mapping[str, Any]) -> Routing | None:
+    """The row's measured per-expert loads over the window — the engine's own decode steps (torch_moe) or its
+    recorder's decode passes (SGLang) — and the routing figures from them; None where not measured."""
+    tokens: list[list[int]] | None = None
+    method = ""
+    if found.source == "measured" and found.steps and found.steps[0].expert_tokens:
+        layers = len(found.steps[0].expert_tokens)
+        tokens = [[sum(s.expert_tokens[layer][e] for s in found.steps) for e in range(spec.num_experts)]
+                  for layer in range(layers)]
+        method = f"the engine's router counts over {len(found.steps)} decode steps of the window"
+    elif report is not None and report.expert_tokens:
+        tokens = [list(layer) + [0] * (spec.num_experts - len(layer)) for layer in report.expert_tokens]
+        method = report.expert_method
+    if not tokens:
+        return None
+    forced = str(options.get("simulate_routing")) if options.get("simulate_routing") else None
+    record = Routing(method=method, tokens=tokens, forced=forced)
+    routing_metrics(m, record)
+    return record
+
+
+def routing_metrics(m: Metrics, record: Routing) -> None:
+    """imbalance (mean and worst layer), hot-expert share and the EP tax, from a routing record."""
+    from capbench_core.analytics.routing import summary
+
+    figures = summary(record.tokens)
+    m.routing_imbalance_mean, m.routing_imbalance_max = figures.imbalance_mean, figures.imbalance_max
+    m.routing_hot_share, m.ep_tax = figures.hot_share, figures.ep_tax
+    if record.forced:
+        m.notes["routing"] = f"the engine's routing was overridden ({record.forced}): these are its simulation's loads"
 
 
 def tier_bandwidths(hardware: HardwareSpec, device_bw: float | None) -> dict[str, float | None]:

@@ -80,8 +80,20 @@ def uniform_expected_experts(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** batch)
 
 
+def expected_experts(spec: ModelShape, batch: int, shares: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """Expected distinct experts per MoE layer for ``batch`` tokens: from measured per-expert shares where
+    given (``analytics.routing.expected_distinct``), else uniform routing."""
+    if not spec.is_moe:
+        return []
+    if shares:
+        from capbench_core.analytics.routing import expected_distinct
+
+        return expected_distinct(shares, batch)
+    return [uniform_expected_experts(spec.num_experts, spec.top_k, batch)] * spec.moe_layers
+
+
 def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial: bool,
-                      window_ns: int) -> list[DecodeStep]:
+                      window_ns: int, shares: Sequence[Sequence[float]] | None = None) -> list[DecodeStep]:
     """Decode steps estimated from the client's view, for engines that report none.
 
     Serial engines (one request at a time): one batch-1 step per output token, each
@@ -111,9 +123,8 @@ def client_side_steps(records: Sequence[RequestRecord], spec: ModelSpec, serial:
     for start, end, ctx in gaps:
         mid = (start + end) // 2
         batch = max(1, sum(1 for a, b in spans if a <= mid <= b))
-        a = uniform_expected_experts(spec.num_experts, spec.top_k, batch) if spec.is_moe else 0.0
         steps.append(DecodeStep(batch_size=batch, step_ns=end - start, context_tokens=batch * ctx,
-                                distinct_experts=[a] * spec.moe_layers, started_ns=start))
+                                distinct_experts=expected_experts(spec, batch, shares), started_ns=start))
     return steps
 
 
@@ -128,7 +139,7 @@ def _step_offsets(r: RequestRecord) -> list[int]:
 
 
 def server_side_steps(records: Sequence[RequestRecord], spec: ModelShape, generated: float, step_ms: float,
-                      batch: float) -> list[DecodeStep]:
+                      batch: float, shares: Sequence[Sequence[float]] | None = None) -> list[DecodeStep]:
     """Decode steps from an engine's own counters, for engines whose stream reaches the client in bursts
     (llama-server): ``generated`` tokens in steps of ``batch`` sequences (its busy slots per decode call),
     each ``step_ms`` long (its generation seconds per generated token), A the uniform-routing expectation."""
@@ -137,8 +148,8 @@ def server_side_steps(records: Sequence[RequestRecord], spec: ModelShape, genera
         return []
     b = max(1, round(batch))
     ctx = sum((r.prompt_tokens or 0) + (r.output_tokens or 0) / 2 for r in ok) / len(ok)
-    a = uniform_expected_experts(spec.num_experts, spec.top_k, b) if spec.is_moe else 0.0
-    return [DecodeStep(b, round(step_ms * 1e6), round(b * ctx), [a] * spec.moe_layers)
+    a = expected_experts(spec, b, shares)
+    return [DecodeStep(b, round(step_ms * 1e6), round(b * ctx), list(a))
             for _ in range(max(1, round(generated / batch)))]
 
 

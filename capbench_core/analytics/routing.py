@@ -6,13 +6,17 @@ Definitions (docs/metrics.md, "Routing"): for layer l, expert e, load L_le = dec
 imbalance_l = max_e L_le / mean_e L_le; hot share_l = the share of layer l's routed tokens taken by its top 10 %
 of experts; for EP over N ranks with a placement rule (contiguous: expert e on rank floor(e N / E); round-robin:
 rank e mod N), the tax_l = max_r R_lr / mean_r R_lr of the ranks' loads, and the EP tax = its mean over layers
-(each layer's step waits for its slowest rank).
+(each layer's step waits for its slowest rank). The all-to-all bytes this routing implies use DeepEP's
+per-copy sizes (analytics/placement.py): a token's expert copies leave its rank unless the expert is local
+(probability 1/N with tokens spread evenly over the ranks, per-copy, no per-rank deduplication: an upper bound),
+and the busiest rank receives its layer's tax times the mean rank's share.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 EP_SIZES = (2, 4, 8)
@@ -53,19 +57,48 @@ def ep_tax(tokens: Sequence[Sequence[int]], ranks: int, rule: EpRule = "contiguo
     return sum(taxes) / len(taxes) if taxes else None
 
 
-def summary(tokens: Sequence[Sequence[int]], rule: EpRule = "contiguous") -> dict[str, object]:
+@dataclass(frozen=True)
+class Summary:
     """The routing figures of one row (None where no layer routed a token)."""
+
+    imbalance_per_layer: list[float | None]
+    imbalance_mean: float | None
+    imbalance_max: float | None
+    hot_share: float | None
+    ep_tax: dict[str, float]
+    ep_rule: EpRule
+
+
+def summary(tokens: Sequence[Sequence[int]], rule: EpRule = "contiguous") -> Summary:
     per_layer = [imbalance(loads) for loads in tokens]
     known = [v for v in per_layer if v is not None]
     hot = [v for v in (hot_share(loads) for loads in tokens) if v is not None]
-    return {
-        "imbalance_per_layer": per_layer,
-        "imbalance_mean": sum(known) / len(known) if known else None,
-        "imbalance_max": max(known) if known else None,
-        "hot_share": sum(hot) / len(hot) if hot else None,
-        "ep_tax": {str(n): ep_tax(tokens, n, rule) for n in EP_SIZES if tokens and n <= len(tokens[0])},
-        "ep_rule": rule,
-    }
+    taxes = {str(n): ep_tax(tokens, n, rule) for n in EP_SIZES if tokens and n <= len(tokens[0])}
+    return Summary(per_layer, sum(known) / len(known) if known else None, max(known) if known else None,
+                   sum(hot) / len(hot) if hot else None, {k: v for k, v in taxes.items() if v is not None}, rule)
+
+
+@dataclass(frozen=True)
+class LinkBytes:
+    """EP dispatch + combine bytes per decoded token over all MoE layers, for N ranks."""
+
+    ranks: int
+    total_per_token: float
+    busiest_rank_per_token: float
+
+
+def link_bytes(tokens: Sequence[Sequence[int]], layer_bytes: float, ranks: int,
+               rule: EpRule = "contiguous") -> LinkBytes:
+    """The all-to-all bytes one decoded token costs under EP over ``ranks`` with this routing, given the
+    dispatch + combine bytes of one token at one MoE layer (analytics/placement.py: DeepEP's sizes): all ranks
+    together, and what the busiest rank receives (its share stretched by each layer's tax)."""
+    remote = layer_bytes * (ranks - 1) / ranks
+    total = busiest = 0.0
+    for loads in tokens:
+        tax = ep_tax([loads], ranks, rule)
+        total += remote
+        busiest += remote / ranks * (tax if tax is not None else 1.0)
+    return LinkBytes(ranks, total, busiest)
 
 
 def hottest(tokens: Sequence[Sequence[int]], count: int = 5) -> list[tuple[int, int, float]]:

@@ -1,4 +1,5 @@
-"""`capbench compare`: stored runs as CAP tables, or under a peer's definitions."""
+"""`capbench compare`: stored runs as CAP tables, under a peer's definitions, or their routing; `capbench show`:
+one run."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ from capbench_core.errors import CapbenchError
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest N runs.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table: CAP tables sized to the terminal; rows: one block per run; csv/json: machine-readable rows.")
-@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--csv", "as_csv", is_flag=True, help="Same as --format csv.")
+@click.option("--json", "fmt", flag_value="json", help="Same as --format json.")
+@click.option("--csv", "fmt", flag_value="csv", help="Same as --format csv.")
 @click.option("--convention", default=None, metavar="NAME",
               help="Recompute stored runs under a peer's definitions: TTFT/TPOT/ITL from the raw timestamps "
                    "(vllm, sglang, guidellm, llmperf; capbench: its own), or S-MBU/S-MFU from the stored decode "
                    "steps as MoE-CAP computes them, beside capbench's (moe-cap).")
+@click.option("--routing", type=click.Choice(["contiguous", "round-robin"]), is_flag=False,
+              flag_value="contiguous", default=None,
+              help="Per-expert routing of the rows that measured it: imbalance, hot experts, EP tax (experts placed "
+                   "on EP ranks contiguously, or round-robin), side by side across tasks.")
 def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, hardware: str | None,
-            limit: int, fmt: str, as_json: bool, as_csv: bool, convention: str | None) -> None:
+            limit: int, fmt: str, convention: str | None, routing: str | None) -> None:
     """Show stored runs as CAP tables, one table per (hardware, model, task, workload)."""
     from capbench_core.analytics.conventions import CONVENTIONS, recompute
     from capbench_core.analytics.moecap import compare_row
@@ -39,13 +44,15 @@ def compare(db_url: str | None, model: str | None, backend: str | None, task: st
     from capbench_core.render.report import print_convention, print_moe_cap
     from capbench_core.store import Store
 
-    if as_json and as_csv:
-        raise CapbenchError("give --json or --csv, not both")
-    fmt = "json" if as_json else "csv" if as_csv else fmt
     if convention is not None:
         convention = find_name("convention", convention, [*CONVENTIONS, "moe-cap"])
     store = Store(db_url)
     results = list(reversed(store.runs(model=model, backend=backend, task=task, limit=limit, hardware=hardware)))
+    if routing:
+        from capbench_core.render.report import print_routing_compare
+
+        print_routing_compare(make_console(), results, routing, fmt == "json")
+        return
     if convention == "moe-cap":
         print_moe_cap(make_console(), [compare_row(r) for r in results], fmt == "json")
         return
@@ -57,3 +64,25 @@ def compare(db_url: str | None, model: str | None, backend: str | None, task: st
         click.echo(f"no runs stored in {store.url} yet: try `capbench run`")
         return
     show_results(make_console(), results, fmt)
+
+
+@cli.command()
+@click.argument("run_id")
+@DB_OPTION
+@click.option("--routing", is_flag=True, help="The run's routing: worst layers and hottest experts.")
+@click.option("--json", "as_json", is_flag=True, help="The stored result as JSON.")
+def show(run_id: str, db_url: str | None, routing: bool, as_json: bool) -> None:
+    """One stored run: every field (`--json`), or its routing summary (`--routing`)."""
+    from capbench_core.render.report import print_routing_run
+    from capbench_core.store import Store
+
+    store = Store(db_url)
+    found = store.get(run_id) or next((r for r in store.runs(limit=100000) if r.run_id.startswith(run_id)), None)
+    if found is None:
+        raise CapbenchError(f"no run {run_id!r} in {store.url} (`capbench compare` lists the stored runs)")
+    if as_json:
+        click.echo(found.model_dump_json(indent=1))
+    elif routing:
+        print_routing_run(make_console(), found)
+    else:
+        show_results(make_console(), [found], "rows")

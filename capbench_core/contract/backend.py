@@ -186,6 +186,10 @@ class DecodeWindow:
     end_ns: int
     report: WindowReport | None
     model: ModelShape
+    #: per MoE layer, each expert's share of tokens measured by another row of the same model and workload
+    #: (the estimate of A then follows it instead of uniform routing), and which row measured it
+    routing_shares: list[list[float]] | None = None
+    routing_from: str | None = None
 
 
 @dataclass(frozen=True)

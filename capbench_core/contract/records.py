@@ -210,6 +210,11 @@ class Metrics(_Model):
     experts_activated_per_layer_mean: float | None = None
     expert_activation_source: Literal["measured", "estimated"] | None = None
     expert_activation_method: str | None = None
+    routing_imbalance_mean: float | None = None
+    routing_imbalance_max: float | None = None
+    routing_hot_share: float | None = None
+    ep_tax: dict[str, float] = Field(default_factory=dict, description="EP ranks -> slowest rank's load over "
+                                                                       "the mean (contiguous placement)")
     decode_steps: int | None = None
     decode_batch_mean: float | None = None
     decode_step_ms_mean: float | None = None
@@ -237,6 +242,16 @@ class Metrics(_Model):
     energy_j_per_output_token: float | None = None
     energy_source: str | None = None
     notes: dict[str, str] = Field(default_factory=dict, description="why a metric is null, or how it was got")
+
+
+class Routing(_Model):
+    """The measured per-expert load of a row: per MoE layer, the decode tokens each routed expert took over
+    the measured window (prefill passes apart), and how it was counted."""
+
+    method: str
+    tokens: list[list[int]] = Field(description="[MoE layer][expert] decode tokens routed, over the window")
+    forced: str | None = Field(default=None, description="the engine's routing was overridden (e.g. uniform "
+                                                          "simulation): the loads are the simulation's")
 
 
 WEIGHT_CLASSES = ("attention_dense", "routed_experts", "shared_experts", "embeddings", "kv_cache")
@@ -298,6 +313,7 @@ class RunResult(_Model):
     engine_metrics: dict[str, float | None] = Field(
         default_factory=dict, description="the engine's own /metrics over the window (deltas, end gauges)")
     decode_steps: DecodeSteps | None = None
+    routing: Routing | None = Field(default=None, description="measured per-expert loads (None: not measured)")
     placement: Placement | None = Field(default=None, description="where the weights lived (None: runs stored "
                                                                   "before capbench recorded it)")
     config: dict[str, Any] | None = Field(

@@ -48,6 +48,8 @@ class WindowReport:
     notes: dict[str, str] = field(default_factory=dict)
     experts_per_layer: list[float] | None = None
     expert_method: str = ""
+    #: per MoE layer, the decode tokens each expert took over the window (None: the engine cannot tell)
+    expert_tokens: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,5 @@ class ExpertCounts:
 
     per_layer: list[float]
     method: str
+    #: per MoE layer, the tokens each expert took over the counted passes, where the engine says
+    expert_tokens: list[list[int]] | None = None

@@ -21,6 +21,7 @@ from capbench_core import __version__
 from capbench_core.analytics import figures, metrics
 from capbench_core.analytics.cost import CostModel
 from capbench_core.analytics.model_spec import ModelSpec, config_of, spec_from_path
+from capbench_core.analytics.routing import shares as routing_shares
 from capbench_core.analytics.weights import DTYPE_BYTES
 from capbench_core.config import Level, ResolvedRun, cost_model
 from capbench_core.contract.backend import Backend, DecodeWindow, LoadShape, Session
@@ -68,6 +69,8 @@ class Runner:
         self.sha = git_sha()
         self.cost: CostModel | None = None
         self.analytics_note: str | None = None
+        #: (model, workload hash) -> (backend, per-expert shares) of the first row that measured routing
+        self.measured_routing: dict[tuple[str, str], tuple[str, list[list[float]]]] = {}
 
     def run(self, run: ResolvedRun) -> list[RunResult]:
         spec, self.analytics_note = analytics_of(run)
@@ -188,6 +191,7 @@ class Runner:
                 if counts is not None:
                     report = report or WindowReport()
                     report.experts_per_layer, report.expert_method = counts.per_layer, counts.method
+                    report.expert_tokens = counts.expert_tokens
             point.reports.append(report)
 
         try:
@@ -222,8 +226,13 @@ class Runner:
         if spec is None:
             m.notes["s_mbu"] = m.notes["s_mfu"] = self.analytics_note or "the model is unknown to the analytics"
         else:
-            window = DecodeWindow(main.records, main.start_ns, main.end_ns, report, spec)
+            key = (point.run.model.name, result.workload.hash)
+            source, shares = self.measured_routing.get(key, (None, None))
+            window = DecodeWindow(main.records, main.start_ns, main.end_ns, report, spec, shares, source)
             found = session.decode_steps(window) or figures.client_decode_steps(window, spec, session.serial_decode)
+            result.routing = figures.routing(m, found, report, spec, point.run.backend_options[point.backend.name])
+            if result.routing is not None and key not in self.measured_routing:
+                self.measured_routing[key] = (point.backend.name, routing_shares(result.routing.tokens, spec.top_k))
             options = point.run.backend_options[point.backend.name]
             peaks = figures.peaks_for(self.hardware, point.backend.device_for(options) == "cpu", dtype,
                                       point.backend.devices_used(options))

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from capbench_core.analytics import metrics
+from capbench_core.analytics import figures, metrics
 from capbench_core.analytics.figures import tier_bandwidths
 from capbench_core.analytics.model_spec import ModelSpec, spec_from_config
 from capbench_core.analytics.weights import DTYPE_BYTES, WeightBytes
@@ -86,6 +86,7 @@ def check(result: RunResult, tasks: Mapping[str, Any] | None = None) -> list[Fin
     findings += _model(result)
     findings += _efficiency(result)
     findings += _cost(result)
+    findings += _routing(result)
     return findings
 
 
@@ -269,6 +270,35 @@ def _efficiency(r: RunResult) -> Iterator[Finding]:
         metrics.tiered_mbu(derived, spec, stored, steps.dtype, r.placement,
                            tier_bandwidths(hw, m.peak_mem_bw_gbps), steps.kv_dtype, wb)
     yield from _compare("metrics", m, derived, EFFICIENCY_FIELDS)
+
+
+ROUTING_FIELDS = ("routing_imbalance_mean", "routing_imbalance_max", "routing_hot_share", "ep_tax")
+
+
+def _routing(r: RunResult) -> Iterator[Finding]:
+    """The routing figures from the row's per-expert loads, which must fit the model (one row of E experts per
+    MoE layer) and physics (every layer routes the same tokens, top_k copies each)."""
+    m = r.metrics
+    if r.routing is None:
+        for name in ROUTING_FIELDS:
+            if getattr(m, name):
+                yield Finding(f"metrics.{name}", getattr(m, name), None, "a routing figure without routing loads")
+        return
+    tokens = r.routing.tokens
+    spec = _spec(r)
+    if spec is not None and (len(tokens) != spec.moe_layers or any(len(t) != spec.num_experts for t in tokens)):
+        yield Finding("routing.tokens", [len(tokens), len(tokens[0]) if tokens else 0],
+                      [spec.moe_layers, spec.num_experts], "one row of num_experts loads per MoE layer")
+        return
+    totals = {sum(layer) for layer in tokens}
+    if any(n < 0 for layer in tokens for n in layer) or len(totals) > 1 or (
+            spec is not None and any(t % spec.top_k for t in totals)):
+        yield Finding("routing.tokens", sorted(totals), "one total, a multiple of top_k, no negative load",
+                      "every MoE layer routes the same decode tokens, top_k copies each")
+        return
+    derived = Metrics()
+    figures.routing_metrics(derived, r.routing)
+    yield from _compare("metrics", m, derived, ROUTING_FIELDS)
 
 
 def _cost(r: RunResult) -> Iterator[Finding]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -16,6 +16,8 @@ from rich.text import Text
 
 from capbench_core.analytics.grouping import group_runs, run_load
 from capbench_core.analytics.model_spec import ModelSpec
+from capbench_core.analytics.placement import combine_bytes_per_token, dispatch_bytes_per_token
+from capbench_core.analytics.routing import EP_SIZES, EpRule, LinkBytes, hottest, link_bytes, summary
 from capbench_core.contract.records import RunResult
 
 DASH = "—"
@@ -472,3 +474,94 @@ def print_placement(console: Console, study: dict[str, Any]) -> None:
         print_note(console, note)
     estimated = {r["experts_source"] for r in study["rows"]}
     print_note(console, f"experts touched per layer: {', '.join(sorted(estimated))}")
+
+
+RANDOM_PROMPT_NOTE = ("random-token prompts do not route like real text: compare routing on content tasks (arith, "
+                      "gsm8k/mmlu files, a trace)")
+
+
+def print_routing_compare(console: Console, results: Sequence[RunResult], rule: str, as_json: bool) -> None:
+    """`capbench compare --routing`: the rows that measured routing, grouped by model, task beside task."""
+    import json
+
+
+    rows: list[dict[str, Any]] = []
+    for r in results:
+        if r.routing is None:
+            continue
+        s = summary(r.routing.tokens, cast(EpRule, rule))
+        rows.append({"run_id": r.run_id, "model": r.model.name, "task": r.workload.task, "backend": r.backend,
+                     "load": run_load(r), "imbalance_mean": s.imbalance_mean, "imbalance_max": s.imbalance_max,
+                     "hot_share": s.hot_share, "ep_tax": s.ep_tax, "ep_rule": rule, "forced": r.routing.forced,
+                     "experts_per_layer": r.metrics.experts_activated_per_layer_mean,
+                     "ep_link_bytes_per_token": {str(b.ranks): {"total": b.total_per_token,
+                                                                "busiest_rank": b.busiest_rank_per_token}
+                                                 for b in _link_bytes(r, cast(EpRule, rule))}})
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(Text("no stored run measured its routing (torch_moe and SGLang rows do)"))
+        return
+    table = Table(title=Text(f"Routing over the measured decode window (EP tax: {rule} placement)"),
+                  title_justify="left")
+    for col in ("model", "task", "backend", "load", "A", "imbalance mean", "worst layer", "top 10 % share",
+                "EP2 tax", "EP4 tax", "EP8 tax"):
+        table.add_column(col, justify="left" if col in ("model", "task", "backend", "load") else "right")
+    for row in sorted(rows, key=lambda x: (x["model"], x["task"], x["backend"])):
+        tax = row["ep_tax"]
+        table.add_row(Text(row["model"]), Text(row["task"] + (" (forced)" if row["forced"] else "")),
+                      Text(row["backend"]), row["load"], _fmt(row["experts_per_layer"], ".2f"),
+                      _fmt(row["imbalance_mean"], ".2f"), _fmt(row["imbalance_max"], ".2f"),
+                      _fmt(row["hot_share"], ".2f"), *(_fmt(tax.get(n), ".2f") for n in ("2", "4", "8")))
+    print_fit(console, table)
+    print_note(console, "imbalance: max / mean expert load per layer (1 = even); top 10 % share: tokens taken by a "
+                        "layer's hottest tenth of experts; EP tax: slowest rank's load over the mean (docs/metrics.md)")
+    if any(row["task"] == "random" for row in rows):
+        print_note(console, RANDOM_PROMPT_NOTE)
+
+
+def _link_bytes(r: RunResult, rule: EpRule) -> list[LinkBytes]:
+    """EP all-to-all bytes per decoded token for N = 2, 4, 8 (empty without the model's top-k and width)."""
+    hidden = (r.model.config or {}).get("hidden_size")
+    if r.routing is None or not r.model.top_k or not isinstance(hidden, int):
+        return []
+    experts = len(r.routing.tokens[0]) if r.routing.tokens else 0
+    per_layer = dispatch_bytes_per_token(r.model.top_k, hidden) + combine_bytes_per_token(r.model.top_k, hidden)
+    return [link_bytes(r.routing.tokens, per_layer, n, rule) for n in EP_SIZES if n <= experts]
+
+
+def print_routing_run(console: Console, r: RunResult) -> None:
+    """`capbench show RUN --routing`: the worst layers and the hottest experts of one run."""
+    if r.routing is None:
+        console.print(Text(f"run {r.run_id} ({r.backend}) did not measure its routing "
+                           f"({r.metrics.expert_activation_method or 'no expert counts'})"))
+        return
+    s = summary(r.routing.tokens)
+    console.print(Text(f"{r.backend} {run_load(r)} · {r.model.name} · task {r.workload.task}: imbalance mean "
+                       f"{_fmt(s.imbalance_mean, '.2f')}, worst {_fmt(s.imbalance_max, '.2f')}; top 10 % of experts "
+                       f"take {_fmt(s.hot_share, '.2f')} of the tokens; EP tax "
+                       f"{', '.join(f'EP{k} {v:.2f}' for k, v in s.ep_tax.items())} ({r.routing.method})"))
+    worst = sorted(((v, i) for i, v in enumerate(s.imbalance_per_layer) if v is not None), reverse=True)[:3]
+    table = Table(title=Text("worst layers"), title_justify="left")
+    for col in ("layer", "imbalance", "tokens", "busiest expert"):
+        table.add_column(col, justify="right")
+    for value, layer in worst:
+        loads = r.routing.tokens[layer]
+        table.add_row(str(layer), f"{value:.2f}", str(sum(loads)), str(max(range(len(loads)), key=loads.__getitem__)))
+    print_fit(console, table)
+    hot = Table(title=Text("hottest experts"), title_justify="left")
+    for col in ("layer", "expert", "share of layer"):
+        hot.add_column(col, justify="right")
+    for layer, expert, share in hottest(r.routing.tokens):
+        hot.add_row(str(layer), str(expert), f"{share:.3f}")
+    print_fit(console, hot)
+    link = _link_bytes(r, "contiguous")
+    if link:
+        console.print(Text("EP all-to-all per decoded token (dispatch + combine, DeepEP sizes, contiguous "
+                           "placement): " + ", ".join(f"EP{b.ranks} {b.total_per_token / 1e3:.1f} KB, busiest rank "
+                                                      f"{b.busiest_rank_per_token / 1e3:.1f} KB" for b in link)))
+    if r.routing.forced:
+        print_note(console, f"routing forced by the engine ({r.routing.forced}): these loads are the simulation's")
+    if r.workload.task == "random":
+        print_note(console, RANDOM_PROMPT_NOTE)

@@ -202,14 +202,22 @@ def _decode_passes(path: Path, records: list[dict[str, Any]]) -> ExpertCounts:
     if not decode:
         raise ScrapeError(f"recorder dump {path}: none of its {len(records)} forward passes was a decode pass")
     per_pass = []
+    loads: list[dict[int, int]] = []
     for r in decode:
         ids = r["topk_ids_of_layer"]  # [layers, tokens, slots], unused slots -1
-        per_pass.append([len({int(x) for x in layer.flatten().tolist() if x >= 0}) for layer in ids])
+        chosen = [[int(x) for x in layer.flatten().tolist() if x >= 0] for layer in ids]
+        per_pass.append([len(set(layer)) for layer in chosen])
+        loads += [{} for _ in range(len(chosen) - len(loads))]
+        for layer, experts in enumerate(chosen):
+            for e in experts:
+                loads[layer][e] = loads[layer].get(e, 0) + 1
     layers = len(per_pass[0])
     per_layer = [sum(p[i] for p in per_pass) / len(per_pass) for i in range(layers)]
+    width = max((max(layer, default=-1) for layer in loads), default=-1) + 1
+    tokens = [[layer.get(e, 0) for e in range(width)] for layer in loads]
     return ExpertCounts(per_layer, f"SGLang expert-distribution recorder (per_token): distinct experts per layer "
                                    f"in each of {len(decode)} decode passes, averaged; {len(records) - len(decode)} "
-                                   f"prefill passes left out; step times from the client")
+                                   f"prefill passes left out; step times from the client", tokens)
 
 
 class EngineProbe:
@@ -244,6 +252,7 @@ class EngineProbe:
             try:
                 counts = self.recorder.stop_and_read()
                 report.experts_per_layer, report.expert_method = counts.per_layer, counts.method
+                report.expert_tokens = counts.expert_tokens
             except ScrapeError as exc:
                 report.notes["experts"] = str(exc)
         return report

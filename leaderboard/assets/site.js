@@ -26,3 +26,12 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
     });
   });
 });
+
+// Routing heatmaps: one per backend, the select shows one at a time.
+document.querySelectorAll("select.routing-backend").forEach(function (select) {
+  select.addEventListener("change", function () {
+    select.closest("figure").querySelectorAll("svg.heatmap").forEach(function (svg) {
+      svg.hidden = svg.dataset.backend !== select.value;
+    });
+  });
+});

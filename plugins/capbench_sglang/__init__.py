@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from capbench_core import hookimpl
 from capbench_core.contract.backend import LoadShape, ModelRef
@@ -189,6 +189,9 @@ class SGLangOptions(ServerOptions):
     recorder: str = flag("--expert-distribution-recorder-mode", "expert recorder mode (per_token: decode passes "
                          "told apart; stat; '' to disable)", "per_token")
     recorder_dir: str | None = option("attach only: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR")
+    simulate_routing: Literal["uniform", "round-robin"] | None = option(
+        "override the router with SGLang's balanced simulation (SGLANG_SIMULATE_UNIFORM_EXPERTS or "
+        "_ROUND_ROBIN_EXPERTS; benchmark only, wrong tokens): real vs balanced routing on the same engine")
 
 
 class SGLangBackend(ServerBackend):
@@ -214,6 +217,10 @@ class SGLangBackend(ServerBackend):
         """dtype from the checkpoint; context (the run's longest prompt + output, at most the model's) and batch
         from the run, and a KV pool sized for them (without it SGLang sizes the pool from free memory: ~15 GB and
         155 s of start-up here)."""
+        if found.device == "cpu" and opts.get("simulate_routing"):
+            raise CapbenchError("sglang:simulate_routing needs a CUDA device: SGLang's balanced-routing simulation is "
+                                "a Triton kernel, which its CPU path cannot run ('0 active drivers'); "
+                                "torch_moe:simulate_routing runs here")
         running = int(opts.get("max_running_requests") or shape.max_concurrency)
         context = int(opts.get("context_length") or shape.context_for(model_max_len(model)) or 0) or None
         out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_running_requests": running,
@@ -229,7 +236,10 @@ class SGLangBackend(ServerBackend):
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
         if found.device == "cpu" and found.origin.startswith("environment"):
             refresh_shim(Path(found.executable))
-        return {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(run_dir / "experts"), **cpu_env(found.device)}
+        simulate = {"uniform": {"SGLANG_SIMULATE_UNIFORM_EXPERTS": "1"},
+                    "round-robin": {"SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS": "1"}}.get(opts.get("simulate_routing") or "")
+        return {"SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(run_dir / "experts"), **cpu_env(found.device),
+                **(simulate or {})}
 
     def launch_record(self, opts: Mapping[str, Any]) -> dict[str, Any]:
         return {"expert_recorder": opts.get("recorder") or opts.get("recorder_off", "off")}

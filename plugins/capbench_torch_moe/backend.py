@@ -33,6 +33,9 @@ class TorchMoEOptions(BackendOptions):
     threads: int | None = option("torch threads (default: all cores)", ge=1)
     device: str = option("where the model, KV cache and batching run: cpu, cuda or cuda:N", "cpu",
                          pattern=r"^(cpu|cuda(:\d+)?)$")
+    simulate_routing: Literal["uniform", "round-robin"] | None = option(
+        "replace the router's picks by a balanced assignment, as SGLang's SGLANG_SIMULATE_UNIFORM_EXPERTS / "
+        "_ROUND_ROBIN_EXPERTS (benchmark only, wrong tokens): real vs balanced routing on the same engine")
 
 
 def served_dtype(model: ModelRef, asked: str) -> str:
@@ -72,6 +75,7 @@ class TorchMoEBackend(Backend):
 
         from capbench_torch_moe.engine import Engine, TorchMoESession
         from capbench_torch_moe.loading import load_hf
+        from capbench_torch_moe.model import simulate_routing
 
         opts = self.validate_options(options)
         if model.path.suffix == ".gguf":
@@ -87,7 +91,8 @@ class TorchMoEBackend(Backend):
         if not tok_file.is_file():
             raise CapbenchError(f"{tok_file} is missing: torch_moe needs the model's tokenizer.json")
         dtype = getattr(torch, opts["dtype"])
-        engine = Engine(lambda: load_hf(model.path, dtype=dtype, device=opts["device"]),
+        engine = Engine(lambda: simulate_routing(load_hf(model.path, dtype=dtype, device=opts["device"]),
+                                                 opts["simulate_routing"]),
                         Tokenizer.from_file(str(tok_file)),
                         opts["max_batch"], opts["max_model_len"], opts["threads"])
         info = EngineInfo("torch_moe", f"torch {torch.__version__}",

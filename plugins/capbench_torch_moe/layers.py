@@ -307,8 +307,30 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if spec.bias else None
         self.correction = nn.Parameter(torch.zeros(cfg.num_experts)) if spec.kind == "deepseek_v3" else None
+        #: "uniform" or "round-robin": the picked experts are replaced by a balanced assignment (benchmark
+        #: only: the weights stay the router's, the tokens are no longer the model's)
+        self.simulate: str | None = None
+        self._picks: torch.Generator | None = None
+        self._next = 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, weights, ids = self._route(x)
+        return (logits, weights, self._balanced(ids)) if self.simulate else (logits, weights, ids)
+
+    def _balanced(self, ids: torch.Tensor) -> torch.Tensor:
+        """As SGLang's SGLANG_SIMULATE_*_EXPERTS: each token gets k distinct experts drawn uniformly, or the
+        next k in turn (token i: experts (i k + j) mod E, counted across calls)."""
+        n, k = ids.shape
+        if self.simulate == "round-robin":
+            start = self._next + torch.arange(n, device=ids.device).unsqueeze(1) * k
+            self._next += n * k
+            return (start + torch.arange(k, device=ids.device)) % self.num_experts
+        if self._picks is None:
+            self._picks = torch.Generator(device=ids.device).manual_seed(0)
+        scores = torch.rand(n, self.num_experts, generator=self._picks, device=ids.device)
+        return torch.topk(scores, k, dim=-1).indices
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         spec = self.spec
         if spec.float32:
             logits = F.linear(x.float(), self.weight.float())

@@ -214,3 +214,12 @@ def init_weights(model: MoETransformer, seed: int, std: float = 0.02) -> None:
             block.attn.o_proj.weight.mul_(1 / math.sqrt(2 * model.cfg.num_layers))
             if block.moe is not None:
                 block.moe.experts.down.mul_(1 / math.sqrt(2 * model.cfg.num_layers))
+
+
+def simulate_routing(model: MoETransformer, mode: str | None) -> MoETransformer:
+    """Every MoE layer's router picks by ``mode`` ("uniform", "round-robin") instead of its scores; None: as
+    trained."""
+    for block in model.blocks:
+        if block.moe is not None:
+            block.moe.router.simulate = mode
+    return model

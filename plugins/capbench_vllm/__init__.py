@@ -31,6 +31,7 @@ from capbench_core.contract.options import flag, option
 from capbench_core.contract.records import Placement
 from capbench_core.contract.registry import BackendRegistry, EngineRegistry
 from capbench_core.contract.window import ExpertCounts
+from capbench_core.errors import CapbenchError
 from capbench_core.serving.environments import Resolved
 from capbench_core.serving.openai_client import OpenAISession
 from capbench_core.serving.scrape import EngineProbe, MetricTable
@@ -129,6 +130,9 @@ class VLLMOptions(ServerOptions):
         "--enable-return-routed-experts", "return each token's routed experts (default true on CUDA builds; needs "
         "Model Runner V2, so not on CPU): measured A from a non-streaming pass after the window")
     seed: int = flag("--seed", "engine seed", 0)
+    simulate_routing: str | None = option(
+        "override the router with vLLM's routing simulator (VLLM_MOE_ROUTING_SIMULATION_STRATEGY: uniform_random, "
+        "normal_routing; benchmark only, wrong tokens): real vs simulated routing on the same engine")
 
 
 class VLLMBackend(ServerBackend):
@@ -149,6 +153,11 @@ class VLLMBackend(ServerBackend):
                  found: Resolved) -> dict[str, Any]:
         """dtype from the checkpoint; context (the run's longest prompt + output, at most the model's) and batch
         from the run; on CPU, a KV cache sized for them."""
+        if found.device == "cpu" and opts.get("simulate_routing"):
+            raise CapbenchError("vllm:simulate_routing needs a CUDA build: on vLLM's CPU build the routing "
+                                "simulator breaks its compiled graph, and with enforce_eager its CPU MoE kernel "
+                                "refuses the simulator's expert ids ('expected scalar type Int but found Long'); "
+                                "torch_moe:simulate_routing runs here")
         out: dict[str, Any] = {"dtype": checkpoint_dtype(model), "max_num_seqs": shape.max_concurrency}
         max_len = int(opts.get("max_model_len") or shape.context_for(model_max_len(model)) or 0) or None
         if max_len:
@@ -163,6 +172,8 @@ class VLLMBackend(ServerBackend):
 
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
         env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0"}
+        if opts.get("simulate_routing"):
+            env["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = str(opts["simulate_routing"])
         if opts.get("return_routed_experts"):
             env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # the routed-experts return needs Model Runner V2
         if found.device == "cpu":
@@ -240,7 +251,8 @@ class VLLMSession(OpenAISession):
         return ExpertCounts(distinct_per_step(routed, concurrency),
                             "vLLM routed-experts return (a non-streaming pass over the same requests at the same "
                             "concurrency, after the window): each token's routed experts are measured; steps are "
-                            "rebuilt as the tokens at one position of each group of `concurrency` requests")
+                            "rebuilt as the tokens at one position of each group of `concurrency` requests",
+                            expert_loads(routed))
 
 
 def decode_routed(value: Any) -> Any:
@@ -273,12 +285,23 @@ def distinct_per_step(routed: Sequence[Any], concurrency: int) -> list[float]:
     return [x / steps for x in totals] if steps else [0.0] * layers
 
 
+def expert_loads(routed: Sequence[Any]) -> list[list[int]]:
+    """Per MoE layer, the tokens routed to each expert (ids up to the highest seen) over every request."""
+    import numpy as np
+
+    layers = routed[0].shape[1]
+    width = 1 + max(int(r.max()) for r in routed if r.size)
+    loads = np.zeros((layers, width), dtype=np.int64)
+    for r in routed:
+        for layer in range(layers):
+            loads[layer] += np.bincount(np.asarray(r[:, layer, :]).ravel().astype(np.int64), minlength=width)
+    return [[int(n) for n in row] for row in loads]
+
+
 def kv_cache_bytes(model: ModelRef, dtype: str, sequences: int, context: int) -> int:
     """KV bytes for ``sequences`` full sequences of ``context`` tokens, doubled for block rounding,
     at least 64 MiB (vLLM's CPU build otherwise reserves a blind 4 GiB)."""
     from capbench_core.analytics.model_spec import spec_from_path
-    from capbench_core.errors import CapbenchError
-
     try:
         per_token = spec_from_path(model.path, model.name).kv_bytes_per_token(dtype if dtype != "auto" else "bfloat16")
     except (CapbenchError, KeyError):
