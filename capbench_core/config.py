@@ -44,6 +44,8 @@ Rates = Annotated[tuple[float, ...], _one_or_many({"type": "number", "exclusiveM
 DEFAULT_CONCURRENCY = (1, 8)
 #: most requests in flight at a Poisson rate when --concurrency does not cap it.
 RATE_CAP = 1024
+#: most requests of a replayed trace in flight when --concurrency does not cap it
+TRACE_CAP = 32
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 COST_FLAGS = ("price_usd_per_hour", "price_from", "hardware_price_usd", "cost_preset")
 
@@ -54,10 +56,16 @@ class Level:
 
     concurrency: int
     rate_rps: float | None = None
+    #: requests sent at their trace's times (``concurrency`` caps those in flight)
+    trace: bool = False
 
     @property
     def label(self) -> str:
-        return load_label(self.concurrency, self.rate_rps)
+        return load_label(self.concurrency, self.rate_rps, "trace" if self.trace else "closed")
+
+    @property
+    def arrival(self) -> Literal["closed", "poisson", "trace"]:
+        return "trace" if self.trace else "poisson" if self.rate_rps else "closed"
 
 
 def _listed(value: Any) -> Any:
@@ -95,6 +103,11 @@ class RunConfig(BaseModel):
     duration_s: float | None = Field(default=None, gt=0, description="stop sending new requests after this long")
     seed: int = Field(default=0, description="seed of the Poisson arrivals")
     slo: dict[str, float] = Field(default_factory=dict, description="latency budgets (ms) for goodput")
+    search: Literal["max-rate", "max-concurrency"] | None = Field(
+        default=None, description="find each backend's highest rate or concurrency that meets the SLO")
+    search_percentile: Literal["50", "90", "99"] = Field(default="99", description="the percentile the SLO binds")
+    search_precision: float = Field(default=0.1, ge=0.01, le=1, description="max-rate: relative bracket width")
+    search_steps: int = Field(default=8, ge=2, le=32, description="most probes per backend")
     dtype: Literal["float32", "bfloat16"] | None = None
     endpoint: str | None = None
     served_model: str | None = None
@@ -148,6 +161,12 @@ class RunConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _search_needs_slo(self) -> RunConfig:
+        if self.search and not {"ttft_ms", "tpot_ms", "e2e_ms"} & set(self.slo):
+            raise ValueError("--search needs the SLO it searches for: --slo ttft_ms=N,tpot_ms=N (or a preset)")
+        return self
+
+    @model_validator(mode="after")
     def _one_cost_model(self) -> RunConfig:
         given = [f"--{k.replace('_', '-')}" for k in COST_FLAGS if getattr(self, k) is not None]
         if len(given) > 1:
@@ -186,6 +205,8 @@ class RunConfig(BaseModel):
                 if (sep and scope == backend) or (not sep and key in known):
                     options[name if sep else key] = value
         changes: dict[str, Any] = {"backend": (backend,), "backend_options": options}
+        if self.search:  # one point of a search repeats as that point
+            changes["search"] = None
         if level.rate_rps:
             changes["rate"] = (level.rate_rps,)
         else:

@@ -13,6 +13,14 @@ class CapbenchError(Exception):
     """
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\n``): a name read from a
+    file or a database cannot move the cursor or draw a fake line on the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str], candidates: Iterable[str] = ()) -> CapbenchError:
     """`unknown backend 'vlm' — did you mean 'vllm'? Available: a, b` (``candidates``: the ones to suggest)."""
     choices = sorted(known)

@@ -43,6 +43,7 @@ class Timing:
     experts_per_layer: str = ""  # sglang flavor: distinct experts each layer activates per forward pass, "3,5"
     num_experts: int = 8
     recorder_dir: str = ""  # sglang flavor: where /dump_expert_distribution_record writes its .pt
+    capacity: int = 0  # requests served at once (0: unlimited); the rest wait, so TTFT grows past it
 
 
 class _Handler:
@@ -51,6 +52,7 @@ class _Handler:
         self.rng = random.Random(timing.seed)
         self.requests = 0
         self.engine = EngineStandIn(timing) if timing.flavor else None
+        self.slots = asyncio.Semaphore(timing.capacity) if timing.capacity else None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -79,7 +81,10 @@ class _Handler:
             status, ctype, payload = answer
             return await self._send(writer, status, payload, ctype)
         if path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
-            return await self.completions(json.loads(body or b"{}"), writer, chat=path.endswith("chat/completions"))
+            if self.slots is None:
+                return await self.completions(json.loads(body or b"{}"), writer, chat=path.endswith("chat/completions"))
+            async with self.slots:  # a fixed service rate: capacity / (TTFT + (n - 1) TPOT) requests per second
+                return await self.completions(json.loads(body or b"{}"), writer, chat=path.endswith("chat/completions"))
         return await self._send(writer, 404, b'{"error": "not found"}', "application/json")
 
     @staticmethod
@@ -271,9 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts-per-layer", default="")
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--recorder-dir", default="")
+    p.add_argument("--capacity", type=int, default=0, help="requests served at once (0: unlimited)")
     a = p.parse_args(argv)
     timing = Timing(a.ttft_ms, a.tpot_ms, a.jitter_ms, a.tokens_per_chunk, a.failure_rate, not a.no_usage,
-                    a.model, a.seed, a.fault, a.flavor, a.experts_per_layer, a.num_experts, a.recorder_dir)
+                    a.model, a.seed, a.fault, a.flavor, a.experts_per_layer, a.num_experts, a.recorder_dir,
+                    a.capacity)
     asyncio.run(_main(a.host, a.port, timing))
 
 
@@ -283,7 +290,7 @@ def reference_argv(port: int, timing: Timing) -> list[str]:
             "--tokens-per-chunk", str(timing.tokens_per_chunk), "--failure-rate", str(timing.failure_rate),
             "--seed", str(timing.seed), "--fault", timing.fault, "--flavor", timing.flavor,
             "--experts-per-layer", timing.experts_per_layer, "--num-experts", str(timing.num_experts),
-            "--recorder-dir", timing.recorder_dir]
+            "--recorder-dir", timing.recorder_dir, "--capacity", str(timing.capacity)]
     return argv + ([] if timing.usage else ["--no-usage"])
 
 

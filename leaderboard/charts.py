@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from capbench_core.analytics.grouping import run_load
-from capbench_core.analytics.metrics import pareto_front
+from capbench_core.analytics.pareto import ParetoPoint, points
 from capbench_core.contract.records import Metrics, RunResult
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
@@ -120,6 +120,7 @@ class Point:
     tok_per_s: float
     label: str
     pareto: bool
+    title: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,17 @@ def _ticks(high: float, count: int = 5) -> list[float]:
     return [step * i for i in range(math.ceil(high / step - 1e-9) + 1)]
 
 
-def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int = 340) -> Scatter | None:
-    """One point per load level (x: TPOT p50 ms, y: output tok/s), a line per system, Pareto front marked."""
-    plotted = [r for r in runs if r.metrics.tpot_ms_p50 is not None and r.metrics.output_tok_per_s is not None]
-    skipped = [f"{r.backend} {run_load(r)}" for r in runs if r not in plotted]
+def pareto(runs: Sequence[RunResult], width: int = 560, height: int = 340) -> Scatter | None:
+    """One point per load level: x tokens/s per user (1000 / TPOT), y output tokens/s per device; per backend a
+    line through its frontier (analytics/pareto.py), the other points small; cost and accuracy on hover."""
+    plotted = points(runs)
+    shown = {p.run.run_id for p in plotted}
+    skipped = [f"{r.backend} {run_load(r)}" for r in runs if r.run_id not in shown]
     if not plotted:
         return None
     left, top, right, bottom = 64.0, 16.0, width - 16.0, height - 44.0
-    x_ticks_v = _ticks(max(r.metrics.tpot_ms_p50 or 0 for r in plotted) * 1.1)
-    y_ticks_v = _ticks(max(r.metrics.output_tok_per_s or 0 for r in plotted) * 1.1)
+    x_ticks_v = _ticks(max(p.per_user for p in plotted) * 1.1)
+    y_ticks_v = _ticks(max(p.per_device for p in plotted) * 1.1)
     x_max, y_max = x_ticks_v[-1] or 1.0, y_ticks_v[-1] or 1.0
 
     def sx(v: float) -> float:
@@ -168,20 +171,24 @@ def throughput_latency(runs: Sequence[RunResult], width: int = 560, height: int 
     def sy(v: float) -> float:
         return round(bottom - (bottom - top) * v / y_max, 1)
 
-    coords = [(r.metrics.tpot_ms_p50 or 0.0, r.metrics.output_tok_per_s or 0.0) for r in plotted]
-    flags = dict(zip((r.run_id for r in plotted), pareto_front(coords)))
-    series, names = [], sorted({r.backend for r in plotted})
-    for i, name in enumerate(names):
-        rs = sorted((r for r in plotted if r.backend == name),
-                    key=lambda r: (r.workload.rate_rps or 0, r.workload.concurrency))
-        pts = [Point(sx(r.metrics.tpot_ms_p50 or 0), sy(r.metrics.output_tok_per_s or 0), r.metrics.tpot_ms_p50 or 0,
-                     r.metrics.output_tok_per_s or 0, run_load(r), flags[r.run_id]) for r in rs]
-        path = " ".join(f"{p.x},{p.y}" for p in pts)
+    series = []
+    for i, name in enumerate(sorted({p.run.backend for p in plotted})):
+        mine = sorted((p for p in plotted if p.run.backend == name), key=lambda p: p.per_user)
+        pts = [Point(sx(p.per_user), sy(p.per_device), p.tpot_ms, p.per_device, p.load, p.frontier, _pareto_title(p))
+               for p in mine]
+        path = " ".join(f"{q.x},{q.y}" for q in pts if q.pareto)
         series.append(Series(name, PALETTE[i % len(PALETTE)], pts, path))
-    front = sorted((p for s in series for p in s.points if p.pareto), key=lambda p: p.x)
     return Scatter(width, height, (left, top, right, bottom),
                    [(sx(v), f"{v:g}") for v in x_ticks_v], [(sy(v), f"{v:g}") for v in y_ticks_v],
-                   series, " ".join(f"{p.x},{p.y}" for p in front), skipped)
+                   series, "", skipped)
+
+
+def _pareto_title(p: ParetoPoint) -> str:
+    m = p.run.metrics
+    cost = f"${m.cost_usd_per_mtok:.4g}/Mtok" if m.cost_usd_per_mtok is not None else "no price"
+    acc = f"accuracy {m.accuracy:.3f}" if m.accuracy is not None else "not scored"
+    return (f"{p.run.backend} {p.load}: {p.per_user:.1f} tok/s per user (TPOT {p.tpot_ms:.2f} ms, {p.tpot_source}), "
+            f"{p.per_device:.1f} tok/s per device, {cost}, {acc}{' (frontier)' if p.frontier else ''}")
 
 
 def lines(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], x_label: str, y_label: str,
@@ -202,8 +209,8 @@ def lines(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], x_label: 
         return round(bottom - (bottom - top) * v / y_max, 1)
 
     out = []
-    for i, (name, points) in enumerate(series):
-        ps = [Point(sx(x), sy(y), x, y, name, False) for x, y in points]
+    for i, (name, pairs) in enumerate(series):
+        ps = [Point(sx(x), sy(y), x, y, name, False) for x, y in pairs]
         out.append(Series(name, PALETTE[i % len(PALETTE)], ps, " ".join(f"{p.x},{p.y}" for p in ps)))
     return Scatter(width, height, (left, top, right, bottom), [(sx(v), f"{v:g}") for v in x_ticks_v],
                    [(sy(v), f"{v:g}") for v in y_ticks_v], out, "", [])

@@ -49,6 +49,12 @@ class Section:
     scatter: charts.Scatter | None = None
     routing: list[charts.Heatmap] = field(default_factory=list)
 
+    def filters(self) -> list[tuple[str, list[str]]]:
+        """The table's filters: each column a reader may narrow it by, with the values present."""
+        values = {"backend": {r.backend for r in self.runs}, "load": {run_load(r) for r in self.runs},
+                  "dtype": {r.model.dtype for r in self.runs}}
+        return [(name, sorted(found)) for name, found in values.items()]
+
 
 @dataclass
 class HardwareGroup:
@@ -82,7 +88,7 @@ def groups(results: Sequence[RunResult]) -> list[HardwareGroup]:
         group.backends = sorted({*group.backends, *(r.backend for r in runs)})
         section = Section(model, task, workload, runs, anchor=f"s{len(group.sections) + 1}")
         section.radar = charts.radar(runs)
-        section.scatter = charts.throughput_latency(runs)
+        section.scatter = charts.pareto(runs)
         section.routing = _routing_maps(runs)
         group.sections.append(section)
     return sorted(by_fp.values(), key=lambda g: (-g.runs, g.fingerprint))
@@ -176,6 +182,16 @@ def submitted(p: dict[str, Any] | None) -> str:
     return "signed, key not trusted" if p.get("signed_by") else "unsigned import"
 
 
+def hardware_claim(p: dict[str, Any] | None) -> str:
+    """What stands behind a row's hardware: measured where the site was built, or a submitter's statement."""
+    if not p or p.get("origin") != "import":
+        return "hardware measured where this site was built"
+    if p.get("signed_by"):
+        who = p.get("submitter") or "an untrusted key"
+        return f"hardware as stated by {who} (key {str(p['signed_by'])[:8]}…)"
+    return "hardware as stated by an unsigned submitter"
+
+
 def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunResult],
             studies: list[dict[str, Any]], provenance: dict[str, dict[str, Any]],
             placements: list[dict[str, Any]] | None = None) -> None:
@@ -183,7 +199,8 @@ def _render(root: Path, hw_groups: list[HardwareGroup], results: Sequence[RunRes
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     pages = (["sparsity.html"] if studies else []) + (["placement.html"] if placements else [])
     common = {"built": built, "version": __version__, "extra_pages": pages,
-              "submitted": lambda run_id: submitted(provenance.get(run_id))}
+              "submitted": lambda run_id: submitted(provenance.get(run_id)),
+              "hardware_claim": lambda run_id: hardware_claim(provenance.get(run_id))}
     (root / "assets").mkdir()
     for asset in (HERE / "assets").iterdir():
         shutil.copyfile(asset, root / "assets" / asset.name)

@@ -82,7 +82,7 @@ def test_pareto_front_and_radar_normalisation() -> None:
     assert charts.normalise([10, 20, None], True) == [20.0, 100.0, 0.0]
     assert charts.normalise([10, 20], False) == [100.0, 20.0]
     assert charts.normalise([5, 5], True) == [100.0, 100.0]
-    scatter = charts.throughput_latency(seeded()[:4])
+    scatter = charts.pareto(seeded()[:4])
     assert scatter is not None
     left, top, right, bottom = scatter.plot
     assert all(left <= p.x <= right and top <= p.y <= bottom for s in scatter.series for p in s.points)
@@ -149,7 +149,7 @@ def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # 
     base, runs = served_site
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(base + "index.html")
@@ -161,10 +161,22 @@ def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # 
         assert rows.count() == 4
         assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.backend)")) == [
             "sglang", "sglang", "vllm", "vllm"]
-        assert page.locator("svg.radar").count() == 2 and page.locator("svg.tput-latency circle.point").count() == 4
-        ringed = page.locator("svg.tput-latency circle.pareto")
-        # in the seed sglang is faster and more productive than vllm at each load: only its two points are optimal
-        assert ringed.evaluate_all("cs => cs.map(c => c.parentElement.dataset.backend)") == ["sglang", "sglang"]
+        # the table fits a 1280 px window: no horizontal scroll, engine details on demand
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        assert page.locator("table.cap td.backend div.engine").first.is_hidden()
+        page.locator("table.cap td.backend summary").first.click()
+        assert page.locator("table.cap td.backend div.engine").first.is_visible()
+        page.select_option("div.filters select[data-filter='backend']", "vllm")
+        visible = "rs => rs.filter(r => !r.hidden).map(r => r.dataset.backend)"
+        assert rows.evaluate_all(visible) == ["vllm", "vllm"]
+        page.select_option("div.filters select[data-filter='backend']", "")
+        assert len(rows.evaluate_all(visible)) == 4
+        assert page.locator("svg.radar").count() == 2 and page.locator("svg.pareto circle.point").count() == 4
+        ringed = page.locator("svg.pareto circle.pareto")
+        # each backend's frontier: per user faster or per device more productive than its other load
+        assert set(ringed.evaluate_all("cs => cs.map(c => c.parentElement.dataset.backend)")) == {"sglang", "vllm"}
+        hover = page.locator("svg.pareto circle.point title").first.text_content()
+        assert "tok/s per user" in hover and "tok/s per device" in hover and "Mtok" in hover
         throughput = page.locator("table.cap thead th", has_text="out tok/s")
         throughput.click()
         column = ("rs => { const i = [...rs[0].closest('table').tHead.rows[0].cells]"
@@ -181,7 +193,7 @@ def test_the_site_in_headless_chromium(served_site, tmp_path: Path) -> None:  # 
         assert "40 tokens" in hottest.first.text_content()
         heatmap.screenshot(path=str(tmp_path / "routing.png"))
         shot = tmp_path / "group.png"
-        page.locator("svg.tput-latency").screenshot(path=str(shot))
+        page.locator("svg.pareto").screenshot(path=str(shot))
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
     assert errors == []

@@ -175,7 +175,7 @@ def test_names_are_found_forgivingly_and_otherwise_suggested() -> None:
         pm.backends.get("llama")  # a prefix of two: both suggested, neither picked
     with pytest.raises(CapbenchError, match="unknown backend 'torch_moa' — did you mean 'torch_moe'"):
         pm.backends.get("torch_moa")
-    with pytest.raises(CapbenchError, match="Available: arith, gsm8k, lm-eval, mmlu, random"):
+    with pytest.raises(CapbenchError, match="Available: arith, chat-sessions, gsm8k, lm-eval, mmlu, random, trace"):
         pm.tasks.get("gsm9k")
 
 

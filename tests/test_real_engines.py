@@ -217,3 +217,26 @@ def test_signals_to_capbench_leave_no_llama_server(tmp_path: Path, sig: signal.S
     if sig != signal.SIGKILL:
         [row] = stored(db)
         assert row["status"] == "partial"
+
+
+def test_a_trace_on_every_server_engine_reads_its_prefix_cache(tmp_path: Path) -> None:
+    """The shipped trace (prefixes shared within groups) on llama-server, vLLM and SGLang: each emptied its cache
+    before the level, and reports cached prompt tokens beside the workload's ceiling (vLLM and SGLang also from
+    their own counters)."""
+    for engine in ("vllm", "sglang", "llama.cpp"):
+        require_engine(engine)
+    db, out = f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "rows.json"
+    run_cli("run", "--backend", "llamacpp_server,vllm,sglang", "--backend-option", "llamacpp_server:cache_ram=0",
+            "--task", "trace", "--num-requests", "24", "--warmup", "2", "--db", db, "--json", str(out),
+            timeout=1800, check=True)
+    rows = {r["backend"]: r for r in json.loads(out.read_text())}
+    for backend, r in rows.items():
+        m = r["metrics"]
+        assert r["status"] == "complete" and r["workload"]["arrival"] == "trace", (backend, r["status_reason"])
+        assert m["prefix_cache_reset"] is True, (backend, m["notes"].get("prefix_cache_reset"))
+        assert 0.3 < m["prefix_cache_ceiling"] < 0.6 and m["prefix_cache_hit_rate"] is not None, backend
+        assert m["schedule_lag_ms_p50"] is not None and m["ttft_from_scheduled_ms_p99"] >= 0.99 * m["ttft_ms_p99"]
+        print(f"{backend}: prefix-cache hit rate {m['prefix_cache_hit_rate']:.3f} (engine "
+              f"{m['prefix_cache_hit_rate_engine']}), ceiling {m['prefix_cache_ceiling']:.3f}")
+    assert rows["vllm"]["metrics"]["prefix_cache_hit_rate_engine"] is not None
+    assert rows["sglang"]["metrics"]["prefix_cache_hit_rate_engine"] is not None

@@ -9,14 +9,17 @@ from capbench_core.contract.records import RunResult
 GroupKey = tuple[str, str, str, str]
 
 
-def load_label(concurrency: int, rate_rps: float | None = None) -> str:
-    """`c=8` for a closed-loop level, `2/s` for a Poisson rate: the one name of a load level."""
+def load_label(concurrency: int, rate_rps: float | None = None, arrival: str = "closed") -> str:
+    """`c=8` for a closed-loop level, `2/s` for a Poisson rate, `trace` for a replayed trace: the one name of a
+    load level."""
+    if arrival == "trace":
+        return "trace"
     return f"{rate_rps:g}/s" if rate_rps else f"c={concurrency}"
 
 
 def run_load(r: RunResult) -> str:
     """The load label of a stored run."""
-    return load_label(r.workload.concurrency, r.workload.rate_rps)
+    return load_label(r.workload.concurrency, r.workload.rate_rps, r.workload.arrival)
 
 
 def group_runs(results: Sequence[RunResult]) -> dict[GroupKey, list[RunResult]]:

@@ -398,3 +398,34 @@ def goodput(m: Metrics, records: Sequence[RequestRecord], slo: dict[str, float],
     m.slo_attainment = good / len(measured) if measured else None
     if window_ns > 0:
         m.goodput_rps = good / (window_ns / 1e9)
+
+
+def workload_figures(m: Metrics, records: Sequence[RequestRecord]) -> None:
+    """What the workload's shape adds: how far an open-loop client fell behind its schedule and the TTFT
+    counted from the scheduled time (so queueing in the client cannot hide), TTFT of first vs later turns of
+    conversations, and the prefix cache: the workload's ceiling and the hit rate the responses report."""
+    ok = [r for r in records if not r.warmup and r.error_kind is None]
+    scheduled = [r for r in ok if r.scheduled_ns is not None]
+    if scheduled:
+        lag = [(r.sent_ns - (r.scheduled_ns or 0)) / NS_PER_MS for r in scheduled]
+        m.schedule_lag_ms_p50, m.schedule_lag_ms_p99 = (float(v) for v in np.percentile(lag, [50, 99]))
+        m.schedule_lag_ms_max = max(lag)
+        late = [(r.sent_ns - (r.scheduled_ns or 0)) / NS_PER_MS + t.ttft_ms
+                for r, t in ((r, request_timings(r)) for r in scheduled) if t.ttft_ms is not None]
+        if late:
+            m.ttft_from_scheduled_ms_p50, m.ttft_from_scheduled_ms_p99 = (float(v) for v in np.percentile(late,
+                                                                                                          [50, 99]))
+    turns = [(r.turn, request_timings(r).ttft_ms) for r in ok if r.turn is not None]
+    first = [t for n, t in turns if n == 1 and t is not None]
+    later = [t for n, t in turns if n and n > 1 and t is not None]
+    m.ttft_ms_p50_first_turn = float(np.median(first)) if first else None
+    m.ttft_ms_p50_later_turns = float(np.median(later)) if later else None
+    prompt = sum(r.prompt_tokens or 0 for r in ok)
+    if ok and prompt and all(r.shared_prefix_tokens is not None for r in ok):
+        m.prefix_cache_ceiling = min(1.0, sum(r.shared_prefix_tokens or 0 for r in ok) / prompt)
+    else:
+        m.notes["prefix_cache_ceiling"] = "the task does not say which prompt tokens its requests share"
+    if ok and prompt and all(r.cached_tokens is not None for r in ok):
+        m.prefix_cache_hit_rate = sum(r.cached_tokens or 0 for r in ok) / prompt
+    else:
+        m.notes["prefix_cache_hit_rate"] = "the responses do not report cached prompt tokens"

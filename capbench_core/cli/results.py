@@ -35,8 +35,10 @@ from capbench_core.errors import CapbenchError
               flag_value="contiguous", default=None,
               help="Per-expert routing of the rows that measured it: imbalance, hot experts, EP tax (experts placed "
                    "on EP ranks contiguously, or round-robin), side by side across tasks.")
+@click.option("--pareto", is_flag=True, help="Each backend's frontier of output tokens/s per device against "
+                                              "tokens/s per user, with $/Mtok and accuracy.")
 def compare(db_url: str | None, model: str | None, backend: str | None, task: str | None, hardware: str | None,
-            limit: int, fmt: str, convention: str | None, routing: str | None) -> None:
+            limit: int, fmt: str, convention: str | None, routing: str | None, pareto: bool) -> None:
     """Show stored runs as CAP tables, one table per (hardware, model, task, workload)."""
     from capbench_core.analytics.conventions import CONVENTIONS, recompute
     from capbench_core.analytics.moecap import compare_row
@@ -46,8 +48,13 @@ def compare(db_url: str | None, model: str | None, backend: str | None, task: st
 
     if convention is not None:
         convention = find_name("convention", convention, [*CONVENTIONS, "moe-cap"])
-    store = Store(db_url)
+    store = Store(db_url, create=False)
     results = list(reversed(store.runs(model=model, backend=backend, task=task, limit=limit, hardware=hardware)))
+    if pareto:
+        from capbench_core.render.report import print_pareto
+
+        print_pareto(make_console(), results, fmt == "json")
+        return
     if routing:
         from capbench_core.render.report import print_routing_compare
 
@@ -76,7 +83,7 @@ def show(run_id: str, db_url: str | None, routing: bool, as_json: bool) -> None:
     from capbench_core.render.report import print_routing_run
     from capbench_core.store import Store
 
-    store = Store(db_url)
+    store = Store(db_url, create=False)
     found = store.get(run_id) or next((r for r in store.runs(limit=100000) if r.run_id.startswith(run_id)), None)
     if found is None:
         raise CapbenchError(f"no run {run_id!r} in {store.url} (`capbench compare` lists the stored runs)")

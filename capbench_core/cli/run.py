@@ -52,6 +52,15 @@ RUN_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--slo", default=None, metavar="ttft_ms=N,tpot_ms=N|PRESET",
                  help="Latency budgets for goodput; presets: mlperf-mixtral-8x7b, mlperf-llama2-70b, "
                       "mlperf-deepseek-r1."),
+    click.option("--search", type=click.Choice(["max-rate", "max-concurrency"]), default=None,
+                 help="Find each backend's highest Poisson rate (or concurrency) whose TTFT and TPOT percentile "
+                      "meet --slo: doubling, then bisection; every probe is stored, the winner marked."),
+    click.option("--search-percentile", type=click.Choice(["50", "90", "99"]), default="99", show_default=True,
+                 help="With --search: the latency percentile the SLO applies to."),
+    click.option("--search-precision", type=click.FloatRange(min=0.01, max=1), default=0.1, show_default=True,
+                 help="With --search max-rate: stop when the bracket is this narrow (relative)."),
+    click.option("--search-steps", type=click.IntRange(min=2, max=32), default=8, show_default=True,
+                 help="With --search: at most this many probes per backend."),
     click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
                  help="Hourly price of this machine, for $/Mtok."),
     click.option("--price-from", default=None, metavar="ROW_ID",

@@ -80,6 +80,16 @@ class Request:
     prompt_token_ids: tuple[int, ...] | None = None
     stop: tuple[str, ...] = ()
     chat: bool = False
+    #: trace replay: when to send it, seconds after the trace's first measured request (None: the arrival
+    #: process decides)
+    at_s: float | None = None
+    #: prompt tokens it shares with an earlier request of the workload (the prefix cache's ceiling; None: the
+    #: task does not say)
+    shared_prefix_tokens: int | None = None
+    #: multi-turn: the conversation it belongs to; ``prompt`` is then this turn's user message, and the load
+    #: generator sends the conversation so far (earlier turns with the model's real replies) before it
+    session: str | None = None
+    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,8 @@ class Usage:
     prompt_tokens: int | None
     completion_tokens: int | None
     source: Literal["engine", "tokenizer"]
+    #: prompt tokens the engine served from its prefix cache (``usage.prompt_tokens_details.cached_tokens``)
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -293,6 +305,11 @@ class Session:
         and return the distinct experts per layer the engine reports routing them to, or None."""
         return None
 
+    def reset_prefix_cache(self) -> tuple[bool | None, str]:
+        """Empty the engine's prefix cache before a load level, so one level's prompts do not warm the next:
+        (True: emptied, False: it has a cache that could not be emptied, None: it has none) and how."""
+        return None, "no prefix cache"
+
 
 class Backend:
     """Base class of every serving backend.
@@ -376,6 +393,6 @@ OPTIONAL_CAPABILITIES: dict[str, tuple[str, ...]] = {
                 "available_for", "dtype_options", "planned_dtype", "device_for", "devices_used", "placement"),
     "Session": ("serial_decode", "base_url", "served_model", "kv_capacity_tokens", "engine_process",
                 "expert_activation", "decode_steps", "failure_cause",
-                "begin_window", "end_window", "expert_pass"),
-    "Task": ("scores_externally", "supports_chat", "variant", "evaluate"),
+                "begin_window", "end_window", "expert_pass", "reset_prefix_cache"),
+    "Task": ("scores_externally", "supports_chat", "warmup_requests", "variant", "evaluate"),
 }

@@ -115,7 +115,7 @@ class WorkloadRecord(_Model):
     num_requests: int
     warmup_requests: int
     concurrency: int
-    arrival: Literal["closed", "poisson"] = "closed"
+    arrival: Literal["closed", "poisson", "trace"] = "closed"
     rate_rps: float | None = None
     duration_s: float | None = None
     slo: dict[str, float] = Field(default_factory=dict)
@@ -145,6 +145,12 @@ class RequestRecord(_Model):
     scores: dict[str, bool] = Field(default_factory=dict, description="every metric's verdict, primary first")
     error_kind: str | None = None
     error: str | None = None
+    cached_tokens: int | None = Field(default=None, description="prompt tokens the engine served from its prefix "
+                                                                "cache, as its usage block says (None: not said)")
+    shared_prefix_tokens: int | None = Field(default=None, description="prompt tokens shared with an earlier "
+                                                                       "request of the workload (the ceiling)")
+    session: str | None = Field(default=None, description="multi-turn: the conversation")
+    turn: int | None = Field(default=None, description="multi-turn: 1 for the first turn")
 
 
 class DecodeSteps(_Model):
@@ -201,6 +207,22 @@ class Metrics(_Model):
     output_tokens_total: int = 0
     goodput_rps: float | None = None
     slo_attainment: float | None = None
+    schedule_lag_ms_p50: float | None = Field(default=None, description="open loop: sent - scheduled time")
+    schedule_lag_ms_p99: float | None = None
+    schedule_lag_ms_max: float | None = None
+    ttft_from_scheduled_ms_p50: float | None = Field(default=None, description="open loop: first token - scheduled "
+                                                                               "time (no coordinated omission)")
+    ttft_from_scheduled_ms_p99: float | None = None
+    ttft_ms_p50_first_turn: float | None = None
+    ttft_ms_p50_later_turns: float | None = None
+    prefix_cache_ceiling: float | None = Field(default=None, description="shared-prefix prompt tokens / prompt "
+                                                                         "tokens of the workload")
+    prefix_cache_hit_rate: float | None = Field(default=None, description="cached prompt tokens / prompt tokens, "
+                                                                          "from the responses' usage")
+    prefix_cache_hit_rate_engine: float | None = Field(default=None, description="the same from the engine's own "
+                                                                                 "counters over the window")
+    prefix_cache_reset: bool | None = Field(default=None, description="the engine's prefix cache was emptied "
+                                                                      "before this level (None: it has none)")
     accuracy: float | None = None
     accuracy_metric: str | None = None
     accuracy_n: int | None = None
@@ -242,6 +264,10 @@ class Metrics(_Model):
     energy_j_per_output_token: float | None = None
     energy_source: str | None = None
     notes: dict[str, str] = Field(default_factory=dict, description="why a metric is null, or how it was got")
+    unverified: dict[str, str] = Field(
+        default_factory=dict, description="what of an imported run is stored as reported, not verified: path in "
+                                          "the result -> why (set by the verifier on import, whatever the bundle "
+                                          "said; empty for runs measured here)")
 
 
 class Routing(_Model):
@@ -294,6 +320,18 @@ class Placement(_Model):
         return use is not None and use.execution != "device" and self.weights["attention_dense"].tier == "device"
 
 
+class SearchPoint(_Model):
+    """A row probed by an SLO search (`capbench run --search`): what was searched and whether this point met
+    the SLO; ``winner`` marks the highest load that did."""
+
+    goal: Literal["max-rate", "max-concurrency"]
+    percentile: float
+    step: int = Field(ge=1)
+    met: bool
+    winner: bool = False
+    why: str = ""
+
+
 class RunResult(_Model):
     schema_version: int = SCHEMA_VERSION
     run_id: str
@@ -314,6 +352,7 @@ class RunResult(_Model):
         default_factory=dict, description="the engine's own /metrics over the window (deltas, end gauges)")
     decode_steps: DecodeSteps | None = None
     routing: Routing | None = Field(default=None, description="measured per-expert loads (None: not measured)")
+    search: SearchPoint | None = Field(default=None, description="a point of an SLO search (None: a plain row)")
     placement: Placement | None = Field(default=None, description="where the weights lived (None: runs stored "
                                                                   "before capbench recorded it)")
     config: dict[str, Any] | None = Field(
@@ -324,3 +363,20 @@ class RunResult(_Model):
         """sha256 of the canonical JSON (sorted keys): the identity used on import."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def records_hash(self) -> str | None:
+        """The identity of what was measured, apart from any label: ``records_hash`` of the request records."""
+        return records_hash([q.model_dump(mode="json") for q in self.requests])
+
+
+def records_hash(requests: list[dict[str, Any]]) -> str | None:
+    """sha256 of a run's raw request timings (JSON-level records): each request's send time from the run's first
+    send, its chunk offsets and tokens per chunk, sorted. Run id, request ids, outputs, record order and the clock
+    origin are left out, so the same measurement under a fresh run id (or shuffled, renamed, re-based) hashes the
+    same. None when no request received a chunk: such records identify nothing."""
+    if not any(q.get("chunk_offsets_ns") for q in requests):
+        return None
+    origin = min(int(q["sent_ns"]) for q in requests)
+    items = sorted([int(q["sent_ns"]) - origin, list(q.get("chunk_offsets_ns") or []),
+                    list(q.get("chunk_tokens") or [])] for q in requests)
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()

@@ -35,7 +35,9 @@ class Workload:
     def hash(self) -> str:
         """sha256 over prompts, lengths and sampling: equal hashes mean the same workload."""
         items = [{"prompt": r.prompt, "max_tokens": r.max_tokens, "ignore_eos": r.ignore_eos,
-                  "sampling": asdict(r.sampling), **({"chat": True} if r.chat else {})} for r in self.requests]
+                  "sampling": asdict(r.sampling), **({"chat": True} if r.chat else {}),
+                  **({"at_s": r.at_s} if r.at_s is not None else {}),
+                  **({"session": r.session, "turn": r.turn} if r.session else {})} for r in self.requests]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
     def score(self, request_id: str, text: str) -> dict[str, bool] | None:
@@ -67,6 +69,12 @@ class Task:
         """Make ``num_requests`` requests; options come from ``--task-option k=v``."""
         raise NotImplementedError
 
+    def warmup_requests(self, model: ModelRef, count: int, options: Mapping[str, Any]) -> list[Request] | None:
+        """Warm-up requests that share nothing with the measured ones (so they cannot warm a prefix cache
+        for them); None: the first ``count`` requests ``build`` makes are the warm-up (their prompts are
+        distinct from the rest already)."""
+        return None
+
     def variant(self, name: str) -> Task:
         """The task ``family:name`` (``lm-eval:gsm8k``) for a task family; plain tasks have none."""
         raise CapbenchError(f"task '{self.name}' has no variants, so '{self.name}:{name}' does not exist")
@@ -76,3 +84,16 @@ class Task:
         """With ``scores_externally``: score the server at ``base_url``; (metric -> score, samples scored)."""
         raise NotImplementedError
 
+
+
+def build_workload(task: Task, model: ModelRef, num_requests: int, warmup: int,
+                   options: Mapping[str, Any]) -> Workload:
+    """The warm-up requests then the measured ones: the task's own warm-up set when it has one (a trace or
+    conversations, whose measured prompts share prefixes), else the first of what it builds. The runner and
+    the verifier build a run's workload this one way."""
+    warm = task.warmup_requests(model, warmup, options) if warmup else None
+    if warm is None:
+        return task.build(model, num_requests + warmup, options)
+    workload = task.build(model, num_requests, options)
+    workload.requests = [*warm[:warmup], *workload.requests]
+    return workload

@@ -27,6 +27,8 @@ class EngineMetrics(BaseModel):
     server_e2e_ms_mean: float | None = None
     server_prompt_ms_per_token: float | None = None
     decode_batch_mean: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
 
     def __getitem__(self, key: str) -> float | None:
         """``metrics["prompt_tokens"]``: the mapping view older code and plugins read."""

@@ -8,6 +8,8 @@ everything it measured; requests still in flight are recorded as ``cancelled``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -73,6 +75,7 @@ def _count_tokens(rec: RequestRecord, req: Request, session: Session, usage: Usa
     """Token counts: the engine's usage block when given, else per-chunk sums (engine-side)."""
     rec.output_tokens = sum(rec.chunk_tokens)
     rec.token_count_source = "engine"
+    rec.cached_tokens = usage.cached_tokens if usage is not None else None
     prompt = usage.prompt_tokens if usage else None
     if usage is not None and usage.completion_tokens is not None:
         rec.output_tokens, rec.token_count_source = usage.completion_tokens, usage.source
@@ -98,14 +101,18 @@ class Arrivals:
 async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
                     phase: Phase, warmup: bool, judge: Callable[[str, str], dict[str, bool] | None],
                     on_done: Callable[[RequestRecord], None] | None = None) -> None:
-    """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end."""
+    """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end. Requests with a send time
+    (``at_s``: a trace) are sent at it; requests of a conversation (``session``) are sent turn after turn,
+    each with the conversation so far; otherwise closed loop or Poisson as ``arrivals`` says."""
     phase.start_ns = time.perf_counter_ns()
     deadline = phase.start_ns + int(arrivals.duration_s * 1e9) if arrivals.duration_s else None
 
-    async def one(req: Request, scheduled_ns: int | None = None) -> None:
+    async def one(req: Request, scheduled_ns: int | None = None) -> RequestRecord:
         rec = RequestRecord(id=req.id, warmup=warmup, sent_ns=time.perf_counter_ns() - origin_ns,
                             max_tokens=req.max_tokens,
-                            scheduled_ns=None if scheduled_ns is None else scheduled_ns - origin_ns)
+                            scheduled_ns=None if scheduled_ns is None else scheduled_ns - origin_ns,
+                            shared_prefix_tokens=req.shared_prefix_tokens if not warmup else None,
+                            session=req.session, turn=req.turn if req.session else None)
         try:
             await _one(session, req, rec, origin_ns, judge)
         finally:
@@ -113,12 +120,23 @@ async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arr
             phase.end_ns = time.perf_counter_ns()
             if on_done:
                 on_done(rec)
+        return rec
 
     def open_for_new() -> bool:
         return deadline is None or time.perf_counter_ns() < deadline
 
+    if requests and requests[0].at_s is not None:
+        first = min(r.at_s or 0.0 for r in requests)
+        await _open_loop(requests, [(r.at_s or 0.0) - first for r in requests], arrivals.concurrency, one,
+                         open_for_new)
+        return
     if arrivals.rate_rps:
-        await _poisson(requests, arrivals, one, open_for_new)
+        rng = random.Random(arrivals.seed)
+        offsets = list(itertools.accumulate((rng.expovariate(arrivals.rate_rps) for _ in requests[1:]), initial=0.0))
+        await _open_loop(requests, offsets, arrivals.concurrency, one, open_for_new)
+        return
+    if any(r.session for r in requests):
+        await _conversations(requests, arrivals.concurrency, one, open_for_new)
         return
     pending = list(reversed(requests))
 
@@ -129,15 +147,15 @@ async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arr
     await asyncio.gather(*(worker() for _ in range(min(arrivals.concurrency, len(requests)) or 1)))
 
 
-async def _poisson(requests: Sequence[Request], arrivals: Arrivals,
-                   one: Callable[[Request, int | None], Awaitable[None]], open_for_new: Callable[[], bool]) -> None:
-    """Send request i at t0 + sum of i exponential gaps (mean 1/rate), at most `concurrency` in flight; each
-    record keeps the time it was due (the seed makes the schedule repeatable)."""
-    assert arrivals.rate_rps
-    rng = random.Random(arrivals.seed)
-    limit = asyncio.Semaphore(max(1, arrivals.concurrency))
+Send = Callable[[Request, "int | None"], Awaitable[RequestRecord]]
+
+
+async def _open_loop(requests: Sequence[Request], offsets: Sequence[float], cap: int, one: Send,
+                     open_for_new: Callable[[], bool]) -> None:
+    """Send request i at t0 + offsets[i] s, at most ``cap`` in flight; each record keeps the time it was due,
+    so a request held back (by the cap or a client that fell behind) shows the lag."""
+    limit = asyncio.Semaphore(max(1, cap))
     t0 = time.perf_counter_ns()
-    due = 0.0
     tasks = []
 
     async def gated(req: Request, scheduled_ns: int) -> None:
@@ -145,16 +163,44 @@ async def _poisson(requests: Sequence[Request], arrivals: Arrivals,
             await one(req, scheduled_ns)
 
     try:
-        for req in requests:
-            scheduled = t0 + round(due * 1e9)
+        for req, offset in zip(requests, offsets):
+            scheduled = t0 + round(offset * 1e9)
             delay = (scheduled - time.perf_counter_ns()) / 1e9
             if delay > 0:
                 await asyncio.sleep(delay)
             if not open_for_new():
                 break
             tasks.append(asyncio.create_task(gated(req, scheduled)))
-            due += rng.expovariate(arrivals.rate_rps)
         await asyncio.gather(*tasks)
     finally:
         for t in tasks:
             t.cancel()
+
+
+def turn_prompt(history: str, message: str) -> str:
+    """A turn as sent: the conversation so far (each earlier message and the model's reply, one per line),
+    then this message on its own line."""
+    return f"{history}{message}\n"
+
+
+async def _conversations(requests: Sequence[Request], concurrency: int, one: Send,
+                         open_for_new: Callable[[], bool]) -> None:
+    """``concurrency`` conversations at once; each sends its turns in order, turn k+1 carrying turns 1..k
+    with the model's real replies, so its prompt starts with the whole of turn k's prompt and reply."""
+    talks: dict[str, list[Request]] = {}
+    for req in requests:
+        talks.setdefault(str(req.session), []).append(req)
+    pending = list(reversed(talks.values()))
+
+    async def talker() -> None:
+        while pending and open_for_new():
+            history, shared = "", 0
+            for req in pending.pop():
+                sent = dataclasses.replace(req, prompt=turn_prompt(history, req.prompt), shared_prefix_tokens=shared)
+                rec = await one(sent, None)
+                if rec.error_kind is not None:
+                    break
+                history = f"{sent.prompt}{rec.output_text or ''}\n"
+                shared = (rec.prompt_tokens or 0) + (rec.output_tokens or 0)
+
+    await asyncio.gather(*(talker() for _ in range(min(concurrency, len(talks)) or 1)))

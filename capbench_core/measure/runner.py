@@ -23,11 +23,11 @@ from capbench_core.analytics.cost import CostModel
 from capbench_core.analytics.model_spec import ModelSpec, config_of, spec_from_path
 from capbench_core.analytics.routing import shares as routing_shares
 from capbench_core.analytics.weights import DTYPE_BYTES
-from capbench_core.config import Level, ResolvedRun, cost_model
+from capbench_core.config import RATE_CAP, TRACE_CAP, Level, ResolvedRun, RunConfig, cost_model
 from capbench_core.contract.backend import Backend, DecodeWindow, LoadShape, Session
-from capbench_core.contract.records import HardwareSpec, Metrics, ModelRecord, RunResult, WorkloadRecord
+from capbench_core.contract.records import HardwareSpec, Metrics, ModelRecord, RunResult, SearchPoint, WorkloadRecord
 from capbench_core.contract.registry import PluginManager
-from capbench_core.contract.task import Workload
+from capbench_core.contract.task import Workload, build_workload
 from capbench_core.contract.window import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.measure import progress
@@ -35,6 +35,7 @@ from capbench_core.measure.energy import NvmlMeter, RaplMeter
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
 from capbench_core.measure.memory import MemorySampler
 from capbench_core.measure.progress import Reporter
+from capbench_core.measure.search import meets, probes
 from capbench_core.store import Store
 
 
@@ -61,6 +62,19 @@ class Point:
     reports: list[WindowReport | None] = field(default_factory=list)
     shape: LoadShape | None = None
     memory: MemorySampler | None = None
+    cache_note: str = ""
+
+
+@dataclass
+class Cell:
+    """One backend of a run, its engine started: what each of its rows shares."""
+
+    run: ResolvedRun
+    backend: Backend
+    spec: ModelSpec | None
+    workload: Workload
+    external: metrics.ExternalScore | None
+    shape: LoadShape
 
 
 class Runner:
@@ -75,7 +89,15 @@ class Runner:
     def run(self, run: ResolvedRun) -> list[RunResult]:
         spec, self.analytics_note = analytics_of(run)
         self.cost = cost_model(run.config, self.hardware)
-        workload = run.task.build(run.model, run.config.num_requests + run.config.warmup, run.task_options)
+        workload = build_workload(run.task, run.model, run.config.num_requests, run.config.warmup,
+                                  run.task_options)
+        if any(r.at_s is not None for r in workload.requests[run.config.warmup:]):
+            # a trace sets its own times: one level, in flight capped by --concurrency (engines size their batch
+            # and KV cache for the cap; a cap that binds shows as schedule lag)
+            cap = max(run.config.concurrency) if run.config.concurrency else TRACE_CAP
+            run = dataclasses.replace(run, levels=[Level(cap, trace=True)])
+        elif run.config.search:
+            run = dataclasses.replace(run, levels=[Level(search_cap(run.config))])
         if run.chat:
             workload.requests = [dataclasses.replace(r, chat=True) for r in workload.requests]
             workload.params["chat"] = True
@@ -96,7 +118,7 @@ class Runner:
             workload=WorkloadRecord(task=workload.task, params=workload.params, hash=workload.hash(),
                                     num_requests=config.num_requests, warmup_requests=config.warmup,
                                     concurrency=level.concurrency, rate_rps=level.rate_rps,
-                                    arrival="poisson" if level.rate_rps else "closed",
+                                    arrival=level.arrival,
                                     duration_s=config.duration_s, slo=config.slo, sampling=sampling,
                                     seed=config.seed),
             config=config.narrow(backend.name, level, set(backend.option_model().model_fields)).record(),
@@ -127,16 +149,66 @@ class Runner:
                     raise CapbenchError(f"{backend.name}.start() yielded a {type(session).__name__}, which does "
                                         f"not subclass capbench_core.contract.backend.Session")
                 external = self._score_externally(run, session)
-                for level in run.levels:
-                    result = self._base_result(run, backend, spec, workload, level, session.engine.weight_dtype)
-                    result.engine = dataclasses.replace(session.engine)
-                    point = Point(run, backend, level, spec, workload, result, external, shape=shape)
-                    done.append(self._measure(session, point))
+                cell = Cell(run, backend, spec, workload, external, shape)
+                if run.config.search:
+                    self._search(session, cell, done)
+                else:
+                    done.extend(self._point(session, cell, level) for level in run.levels)
         except (CapbenchError, OSError, RuntimeError, ValueError) as exc:
             level = run.levels[min(len(done), len(run.levels) - 1)]
             pending = self._base_result(run, backend, spec, workload, level, None)
             done.append(self._finish(pending, "failed", f"{backend.name} failed: {exc}"))
         return done
+
+    def _point(self, session: Session, cell: Cell, level: Level) -> RunResult:
+        """One measured row: this backend at this load level."""
+        result = self._base_result(cell.run, cell.backend, cell.spec, cell.workload, level,
+                                   session.engine.weight_dtype)
+        result.engine = dataclasses.replace(session.engine)
+        point = Point(cell.run, cell.backend, level, cell.spec, cell.workload, result, cell.external,
+                      shape=cell.shape)
+        return self._measure(session, point)
+
+    def _search(self, session: Session, cell: Cell, done: list[RunResult]) -> None:
+        """--search: probe loads (measure/search.py) until the highest that meets the SLO is bracketed; every
+        probe is a stored row with its verdict, the winner marked."""
+        config = cell.run.config
+        goal = config.search
+        assert goal is not None
+        integer = goal == "max-concurrency"
+        start = float(min(config.concurrency or (1,))) if integer else (config.rate[0] if config.rate else 1.0)
+        cap = cell.run.levels[0].concurrency
+        walk = probes(start, integer, config.search_precision, config.search_steps)
+        by_load: dict[float, RunResult] = {}
+        try:
+            load = next(walk)
+            while True:
+                level = Level(int(load)) if integer else Level(cap, rate_rps=round(load, 4))
+                result = self._point(session, cell, level)
+                verdict = meets(result, config.slo, config.search_percentile)
+                result.search = SearchPoint(goal=goal, percentile=float(config.search_percentile),
+                                            step=len(by_load) + 1, met=verdict.met, why=verdict.why)
+                self.store.save(result)
+                done.append(result)
+                by_load[load] = result
+                self.reporter.note(f"{cell.backend.name} {level.label}: {'meets' if verdict.met else 'misses'} "
+                                   f"the SLO ({verdict.why})")
+                load = walk.send(verdict.met)
+        except StopIteration as stop:
+            best = stop.value
+        if best is None:
+            lowest = min(by_load, default=start)
+            self.reporter.note(f"{cell.backend.name} cannot meet the SLO even at its lowest load "
+                               f"({Level(int(lowest)).label if integer else f'{lowest:g}/s'})")
+            return
+        winner = by_load[best]
+        assert winner.search is not None
+        winner.search.winner = True
+        self.store.save(winner)
+        missed = [load for load, r in by_load.items() if r.search and not r.search.met and load > best]
+        bracket = f", lowest miss {min(missed):g}" if missed else ", no miss found: raise --search-steps"
+        self.reporter.note(f"{cell.backend.name}: SLO capacity {best:g}{'' if integer else ' requests/s'} "
+                           f"({len(by_load)} probes{bracket})")
 
     def _score_externally(self, run: ResolvedRun, session: Session) -> metrics.ExternalScore | None:
         """Tasks with an outside scorer (lm-eval) score the started server once, before the load."""
@@ -173,6 +245,10 @@ class Runner:
         label = f"{result.backend} {level.label}"
         arrivals = Arrivals(level.concurrency, level.rate_rps, config.duration_s, config.seed)
         score = point.workload.score
+
+        reset, how = session.reset_prefix_cache()
+        result.metrics.prefix_cache_reset = reset
+        point.cache_note = how
 
         async def drive() -> None:
             if warm:
@@ -247,12 +323,17 @@ class Runner:
                        peak.device_bytes if peak else None, session.kv_capacity_tokens, self._memory_need(point, dtype))
         figures.price(m, self.cost, self.hardware)
         metrics.goodput(m, main.records, point.run.config.slo, main.window_ns)
+        metrics.workload_figures(m, main.records)
+        m.prefix_cache_reset = result.metrics.prefix_cache_reset
+        m.notes["prefix_cache_reset"] = point.cache_note
         if report is not None:
             engine = report.engine_metrics
             result.engine_metrics = engine.record()
             m.server_ttft_ms_mean = engine.server_ttft_ms_mean
             m.server_tpot_ms_mean = engine.server_tpot_ms_mean
             m.server_e2e_ms_mean = engine.server_e2e_ms_mean
+            if engine.prefix_cache_queries:
+                m.prefix_cache_hit_rate_engine = (engine.prefix_cache_hits or 0.0) / engine.prefix_cache_queries
             m.notes.update({f"engine.{k}": v for k, v in report.notes.items()})
         result.requests = records
         result.metrics = m
@@ -267,6 +348,14 @@ class Runner:
             return None
         context = point.shape.context_for(max_context(point.run.model)) or 2048
         return figures.memory_need(point.spec, str(dtype), point.level.concurrency, context)
+
+
+def search_cap(config: RunConfig) -> int:
+    """The most requests an SLO search may put in flight (engines size their batch for it): max-concurrency
+    doubles from its start at most search_steps - 1 times; max-rate is capped by --concurrency or RATE_CAP."""
+    if config.search == "max-concurrency":
+        return int(min(RATE_CAP, min(config.concurrency or (1,)) * 2 ** (config.search_steps - 1)))
+    return max(config.concurrency) if config.concurrency else RATE_CAP
 
 
 def analytics_of(run: ResolvedRun) -> tuple[ModelSpec | None, str | None]:
@@ -332,4 +421,14 @@ def load_shape(run: ResolvedRun, workload: Workload) -> LoadShape:
         template = chat_template(run.model.path)
     longest = max((len((template.render(r.prompt) if template else r.prompt).encode()) + r.max_tokens + 1
                    for r in workload.requests), default=None)
+    talks: dict[str, int] = {}
+    for r in workload.requests:
+        if r.session:  # a turn carries the earlier turns and replies (a reply re-read may take a few bytes a token)
+            talks[r.session] = talks.get(r.session, 0) + len(r.prompt.encode()) + 2 + REPLY_BYTES * r.max_tokens
+    if talks:
+        longest = max(longest or 0, *talks.values())
     return LoadShape(max(level.concurrency for level in run.levels), longest)
+
+
+#: bytes a generated token may take when a conversation sends it back (a bound for the context, not a count)
+REPLY_BYTES = 4

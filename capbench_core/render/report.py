@@ -565,3 +565,45 @@ def print_routing_run(console: Console, r: RunResult) -> None:
         print_note(console, f"routing forced by the engine ({r.routing.forced}): these loads are the simulation's")
     if r.workload.task == "random":
         print_note(console, RANDOM_PROMPT_NOTE)
+
+
+def print_pareto(console: Console, results: Sequence[RunResult], as_json: bool) -> None:
+    """`capbench compare --pareto`: per comparison group, each backend's frontier of output tokens/s per device
+    against tokens/s per user, with cost and accuracy beside."""
+    import json
+
+    from capbench_core.analytics.pareto import points
+
+    groups = group_runs(results)
+    rows: list[dict[str, Any]] = []
+    for (fingerprint, model, task, workload), runs in groups.items():
+        for p in points(runs):
+            if p.frontier:
+                rows.append({"hardware": fingerprint, "model": model, "task": task, "workload": workload,
+                             "backend": p.run.backend, "load": p.load, "run_id": p.run.run_id,
+                             "tok_per_s_per_user": p.per_user, "tok_per_s_per_device": p.per_device,
+                             "tpot_ms": p.tpot_ms, "tpot_source": p.tpot_source,
+                             "cost_usd_per_mtok": p.run.metrics.cost_usd_per_mtok, "accuracy": p.run.metrics.accuracy,
+                             "slo_search_winner": bool(p.run.search and p.run.search.winner)})
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(Text("no complete run with a TPOT and a throughput stored"))
+        return
+    for key in dict.fromkeys((r["hardware"], r["model"], r["task"], r["workload"]) for r in rows):
+        table = Table(title=Text(f"Pareto frontier — model {key[1]}, task {key[2]} (workload {key[3]}), "
+                                 f"hardware [{key[0]}]"), title_justify="left")
+        for col in ("backend", "load", "tok/s/user", "tok/s/device", "TPOT ms", "$/Mtok", "acc"):
+            table.add_column(col, justify="left" if col in ("backend", "load") else "right")
+        for r in sorted((r for r in rows if (r["hardware"], r["model"], r["task"], r["workload"]) == key),
+                        key=lambda r: (r["backend"], -r["tok_per_s_per_user"])):
+            bursty = " eng" if r["tpot_source"].startswith("engine") else ""
+            table.add_row(Text(r["backend"]), Text(r["load"] + (" ★" if r["slo_search_winner"] else "")),
+                          _fmt(r["tok_per_s_per_user"], ".1f"), _fmt(r["tok_per_s_per_device"], ".1f"),
+                          Text(_fmt(r["tpot_ms"], ".2f") + bursty), _fmt(r["cost_usd_per_mtok"], ".4g"),
+                          _fmt(r["accuracy"], ".3f"))
+        print_fit(console, table)
+    print_note(console, "frontier points only: no other load of the same backend is faster per user and more "
+                        "productive per device; tok/s/user = 1000 / TPOT; TPOT \"eng\": the engine's own mean, where "
+                        "its stream reached the client in bursts; ★ = an SLO search's winner")

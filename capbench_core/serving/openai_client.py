@@ -129,6 +129,8 @@ class OpenAISession(Session):
         self._timeout_s = timeout_s
         self._hook = body_hook
         self.serial_decode = serial_decode
+        #: the engine's endpoint that empties its prefix cache (POST), when it has one
+        self.cache_reset: str | None = None
         self._probe = probe
         self._clients: dict[int, StreamingClient] = {}
 
@@ -140,6 +142,12 @@ class OpenAISession(Session):
             client = StreamingClient(self._url, self._headers, self._timeout_s)
             self._clients = {id(loop): client}
         return client
+
+    def reset_prefix_cache(self) -> tuple[bool | None, str]:
+        """POST the engine's cache-reset endpoint; an OpenAI-compatible server without one cannot be reset."""
+        if self.cache_reset is None:
+            return False, "an OpenAI-compatible server: capbench knows no way to empty its prefix cache"
+        return post_ok(f"{self._url}{self.cache_reset}")
 
     def body(self, req: Request) -> dict[str, Any]:
         s = req.sampling
@@ -203,8 +211,10 @@ class OpenAISession(Session):
 
     def _usage(self, usage: dict[str, Any] | None, text: str, req: Request) -> Usage:
         if usage and usage.get("completion_tokens") is not None:
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
             return Usage(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=int(usage["completion_tokens"]),
-                         source="engine")
+                         source="engine", cached_tokens=int(cached) if isinstance(cached, int) else None)
         if self._count is None:
             return Usage(prompt_tokens=None, completion_tokens=None, source="tokenizer")
         return Usage(prompt_tokens=self._count(req.prompt), completion_tokens=self._count(text), source="tokenizer")
@@ -232,3 +242,17 @@ class OpenAISession(Session):
     def end_window(self) -> WindowReport | None:
         """Called just after them: the engine's own view of the window."""
         return self._probe.end() if self._probe is not None else None
+
+
+def post_ok(url: str) -> tuple[bool, str]:
+    """POST ``url`` with no body: (True, what was done) on HTTP 200, else (False, what the server said)."""
+    import httpx
+
+    path = url.split("/", 3)[-1]
+    try:
+        resp = httpx.post(url, timeout=30)
+    except httpx.HTTPError as exc:
+        return False, f"POST /{path} failed: {exc}"
+    if resp.status_code != 200:
+        return False, f"POST /{path} answered HTTP {resp.status_code}: {resp.text[:200]}"
+    return True, f"POST /{path}"

@@ -75,6 +75,8 @@ class ServerBackend(Backend):
     metrics = MetricTable(engine="")
     Options: type[BackendOptions] = ServerOptions
     health_paths: tuple[str, ...] = ("/health",)
+    #: the engine's endpoint that empties its prefix cache (POST), None when it has none
+    cache_reset: str | None = None
     #: What EngineInfo calls the engine (default: the backend's name).
     engine_name: str = ""
     #: The engine reads the checkpoint directory itself (a llama.cpp server serves a GGUF made from it instead).
@@ -239,7 +241,9 @@ class ServerBackend(Backend):
         """The session over the launched or attached server (an engine may add what only it offers)."""
         from capbench_core.serving.openai_client import OpenAISession
 
-        return OpenAISession(url, name, info, counter, probe=probe)
+        session = OpenAISession(url, name, info, counter, probe=probe)
+        session.cache_reset = self.cache_reset
+        return session
 
     def variant(self, found: Resolved, log: Path) -> str:
         """How the engine ran (kernels, build), from its installation and its start-up log."""

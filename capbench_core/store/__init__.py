@@ -2,6 +2,8 @@
 
 URL resolution: ``--db URL`` > ``CAPBENCH_DB`` > a SQLite file in the user data
 directory. Each save is one transaction; saving the same result twice is a no-op.
+A database that is named (not the default) is created only when the caller says so
+(``create=True``): a mistyped path must not become a new, empty database.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,10 @@ def as_url(db: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, create: bool = True):
+        """Open (and migrate) the database at ``url`` (None: the default one, created when missing). With
+        ``create=False`` a named SQLite file must already be a capbench database; a server database must
+        exist on its server (capbench creates only its tables)."""
         self.url = as_url(url or default_url())
         try:
             self.engine = create_engine(self.url)
@@ -64,6 +69,8 @@ class Store:
             raise CapbenchError(f"cannot open database {self.url!r}: {exc}. Use sqlite:///PATH or "
                                 f"postgresql+psycopg://user@host/db") from None
         if self.engine.dialect.name == "sqlite":
+            if url is not None and not create:
+                _require_sqlite_store(self.engine.url.database)
             _sqlite_pragmas(self.engine)
         self.migrate()
 
@@ -119,16 +126,37 @@ class Store:
 
     def add_imported(self, result: RunResult, source: str, signed_by: str | None = None,
                      submitter: str | None = None) -> str:
-        """Store a submitted run unless it is there already: 'added', 'duplicate' (same content), or
-        'conflict' (a different result under the same run id, which is kept as it was)."""
+        """Store a submitted run unless it is there already: 'added'; 'duplicate' (the same run: the same
+        content, the verifier's labels apart); 'conflict' (a different result under the same run id, which is
+        kept as it was); or 'replay' (its raw records are stored under another run id: nothing is added)."""
         values = {**_row_values(result), "origin": "import", "imported_from": source[-512:],
                   "imported_at": datetime.now(timezone.utc), "signed_by": signed_by, "submitter": submitter}
+        try:
+            with self.session() as s:
+                if self.engine.dialect.name == "postgresql":  # importers one at a time: a replay cannot race in
+                    s.execute(text("SELECT pg_advisory_xact_lock(4242011)"))
+                stmt = self._insert().values(**values).on_conflict_do_nothing().returning(RunRow.run_id)
+                if s.scalar(stmt) is not None:
+                    if values["records_hash"] and s.scalar(select(RunRow.run_id).where(
+                            RunRow.records_hash == values["records_hash"], RunRow.run_id != result.run_id).limit(1)):
+                        raise _Replay  # rolls the insert back
+                    return "added"
+                stored = s.scalar(select(RunRow.result_json).where(RunRow.run_id == result.run_id))
+        except _Replay:
+            return "replay"
+        if stored is None or _unlabelled(RunResult.model_validate_json(stored)) == _unlabelled(result):
+            return "duplicate"
+        return "conflict"
+
+    def replays(self, results: list[RunResult]) -> dict[str, str]:
+        """run id -> the stored run, under another id, that holds the same raw records (a replay)."""
+        hashes = {h: r.run_id for r in results if (h := r.records_hash())}
+        if not hashes:
+            return {}
+        query = select(RunRow.run_id, RunRow.records_hash).where(RunRow.records_hash.in_(list(hashes)))
         with self.session() as s:
-            stmt = self._insert().values(**values).on_conflict_do_nothing().returning(RunRow.run_id)
-            if s.scalar(stmt) is not None:
-                return "added"
-            same = s.scalar(select(RunRow.run_id).where(RunRow.content_hash == values["content_hash"]))
-        return "duplicate" if same else "conflict"
+            rows = s.execute(query).all()
+        return {hashes[h]: run_id for run_id, h in rows if h is not None and run_id != hashes[h]}
 
     def runs(self, model: str | None = None, backend: str | None = None, task: str | None = None,
              limit: int | None = None, hardware: str | None = None) -> list[RunResult]:
@@ -210,10 +238,41 @@ class Store:
         return RunResult.model_validate_json(text) if text else None
 
 
+class _Replay(Exception):
+    """Raised inside an import's transaction to roll it back."""
+
+
+def _unlabelled(result: RunResult) -> RunResult:
+    """The run without the verifier's labels, which an import adds: a run exported here and imported back is
+    the same run."""
+    copy = result.model_copy(deep=True)
+    copy.metrics.unverified = {}
+    return copy
+
+
+def _require_sqlite_store(path: str | None) -> None:
+    """A named SQLite database must exist and be capbench's; opening it read-only to look writes nothing."""
+    import sqlite3
+
+    if not path or path == ":memory:":
+        return
+    how = f"check --db (or CAPBENCH_DB), or create one with `capbench db init --db {path}`"
+    if not Path(path).is_file():
+        raise CapbenchError(f"no database at {path}: {how}")
+    try:
+        with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute("select name from sqlite_master where name = 'runs'").fetchone()
+    except sqlite3.Error as exc:
+        raise CapbenchError(f"{path} is not a capbench database ({exc}): {how}") from None
+    if found is None:
+        raise CapbenchError(f"{path} is not a capbench database (it has no runs table): {how}")
+
+
 def _row_values(result: RunResult) -> dict[str, Any]:
     m, w = result.metrics, result.workload
     return dict(
-        run_id=result.run_id, content_hash=result.content_hash(), schema_version=result.schema_version,
+        run_id=result.run_id, content_hash=result.content_hash(), records_hash=result.records_hash(),
+        schema_version=result.schema_version,
         started_at=result.started_at, status=result.status, backend=result.backend,
         engine_version=result.engine.version if result.engine else None, model=result.model.name,
         task=w.task, workload_hash=w.hash, concurrency=w.concurrency, rate_rps=w.rate_rps,

@@ -43,10 +43,12 @@ class RunRow(Base):
     imported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     submitter: Mapped[str | None] = mapped_column(String(128))  # the trusted name of the signing key
     signed_by: Mapped[str | None] = mapped_column(String(64))   # public key whose signature checked
+    records_hash: Mapped[str | None] = mapped_column(String(64))  # RunResult.records_hash(): replays are refused
 
     __table_args__ = (
         Index("ix_runs_group", "hardware_fingerprint", "model", "task"),
         Index("ix_runs_started_at", "started_at"),
+        Index("ix_runs_records_hash", "records_hash"),
     )
 
 

