@@ -188,7 +188,8 @@ def _pareto_title(p: ParetoPoint) -> str:
     cost = f"${m.cost_usd_per_mtok:.4g}/Mtok" if m.cost_usd_per_mtok is not None else "no price"
     acc = f"accuracy {m.accuracy:.3f}" if m.accuracy is not None else "not scored"
     return (f"{p.run.backend} {p.load}: {p.per_user:.1f} tok/s per user (TPOT {p.tpot_ms:.2f} ms, {p.tpot_source}), "
-            f"{p.per_device:.1f} tok/s per device, {cost}, {acc}{' (frontier)' if p.frontier else ''}")
+            f"{p.per_device:.1f} tok/s per device, {cost}, {acc}{' (frontier)' if p.frontier else ''}"
+            f"{' ★ SLO capacity (search winner)' if p.run.search and p.run.search.winner else ''}")
 
 
 def lines(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], x_label: str, y_label: str,
