@@ -5,7 +5,8 @@ TTFT after a request arrives and one more every TPOT, on an absolute schedule, a
 each chunk. At each stream count (1, 16, 64, 256; 512 with --streams or on 8+ cores) every client runs the
 same closed-loop load in its own process tree, one after another:
 
-- capbench: its load generator (run_phase over OpenAISession) in a child process, with an event-loop lag probe;
+- capbench: its load generator (the measured phase over OpenAISession, as `capbench run` drives it: client
+  processes as it picks them, or N of them as `capbench-N`, each with its event-loop lag probe) in a child process;
 - GuideLLM: its CLI (`guidellm run`, concurrent profile, synthetic prompts), from its own virtualenv;
 - vLLM's bench client: `vllm bench serve` (openai backend, random dataset), from the vLLM engine environment
   capbench installs (`capbench engines install vllm`; its CPU build runs the client here);
@@ -395,51 +396,46 @@ def _missing(path: Path, how: str) -> Callable[[], str | None]:
     return lambda: None if path.exists() else f"{path} not found ({how})"
 
 
-def capbench_client() -> Client:
+def capbench_client(procs: int | None = None) -> Client:
+    """capbench's load generator with ``procs`` client processes (None: as `capbench run` picks them)."""
     def argv(load: Load, out: Path) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve()), "--as-capbench-client",
-                json.dumps({**asdict(load), "out": str(out / "records.json")})]
+                json.dumps({**asdict(load), "procs": procs, "out": str(out / "records.json")})]
 
     def read(out: Path) -> Records:
         doc = json.loads((out / "records.json").read_text())
         return Records([Sent(r["start_s"], r["end_s"], r["ttft_ms"] if r["error"] is None else None, r["tpot_ms"])
                         for r in doc["records"]], doc["loop_lag_ms"])
 
-    return Client("capbench", argv, read, lambda: None, lambda: dict(os.environ), Path(sys.executable), "capbench")
+    return Client("capbench" if procs is None else f"capbench-{procs}", argv, read, lambda: None,
+                  lambda: dict(os.environ), Path(sys.executable), "capbench")
 
 
 def run_capbench_client(spec: dict[str, Any]) -> None:
-    """The capbench side, in its own process: run_phase over OpenAISession, plus an event-loop lag probe."""
+    """The capbench side, in its own process (tree): the measured phase over OpenAISession as `capbench run`
+    drives it, client processes and event-loop probes included."""
     from capbench_core.analytics.metrics import request_timings
     from capbench_core.contract.backend import EngineInfo, Request
-    from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
+    from capbench_core.measure.loadgen import Arrivals, Phase
+    from capbench_core.measure.workers import client_procs, measured_phase
     from capbench_core.serving.openai_client import OpenAISession
 
     session = OpenAISession(spec["url"], spec["model"], EngineInfo("known-delay", "0", {}),
                             count_tokens=lambda t: len(t.split()))
     reqs = [Request(id=str(i), prompt="hello " * PROMPT_TOKENS, max_tokens=spec["tokens"])
             for i in range(spec["requests"])]
-    phase, lag_ms = Phase(), []
+    phase = Phase()
     origin_ns = time.perf_counter_ns()
-
-    async def probe() -> None:
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lag_ms.append((time.perf_counter() - t - 0.005) * 1e3)
-
-    async def run() -> None:
-        probing = asyncio.create_task(probe())
-        await run_phase(session, reqs, Arrivals(spec["streams"]), origin_ns, phase, False, lambda a, b: None)
-        probing.cancel()
-
-    asyncio.run(run())
+    procs, _ = client_procs(spec["procs"], spec["streams"], session)
+    healths = asyncio.run(measured_phase(session, reqs, Arrivals(spec["streams"]), origin_ns, phase,
+                                         lambda a, b: None, procs=procs))
     out = []
     for rec in phase.records:
         t = request_timings(rec)
         start = (origin_ns + rec.sent_ns) / 1e9
         out.append({"error": rec.error_kind, "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "start_s": start,
                     "end_s": start + max(rec.chunk_offsets_ns, default=0) / 1e9})
+    lag_ms = [x for h in healths for x in h.lag_ms]
     Path(spec["out"]).write_text(json.dumps({"records": out, "loop_lag_ms": lag_ms}))
 
 
@@ -614,7 +610,7 @@ def _ratio(peer: float | None, ours: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'streams':>7} {'client':9} {'ok/sent':>9} │ {'TTFT err ms p50':>15} {'p99':>7} │ "
+    head = (f"{'streams':>7} {'client':10} {'ok/sent':>9} │ {'TTFT err ms p50':>15} {'p99':>7} │ "
             f"{'TPOT err ms p50':>15} {'p99':>7} │ {'×cb TTFT p50':>12} {'p99':>6} {'TPOT p50':>8} │ "
             f"{'cpu':>5} {'busiest':>7} {'wants':>5} {'lag p99':>7} │ {'srv late p50':>12} {'p99':>6} │ status")
     out = [head, "─" * len(head)]
@@ -624,7 +620,7 @@ def table(rows: list[Row]) -> str:
         ratios = ("", "", "") if r.client == "capbench" or cb is None else (
             _ratio(r.ttft_err_ms_p50, cb.ttft_err_ms_p50), _ratio(r.ttft_err_ms_p99, cb.ttft_err_ms_p99),
             _ratio(r.tpot_err_ms_p50, cb.tpot_err_ms_p50))
-        out.append(f"{r.streams:>7} {r.client:9} {f'{r.sent - r.failed}/{r.sent}':>9} │ "
+        out.append(f"{r.streams:>7} {r.client:10} {f'{r.sent - r.failed}/{r.sent}':>9} │ "
                    f"{_ms(r.ttft_err_ms_p50):>15} {_ms(r.ttft_err_ms_p99):>7} │ "
                    f"{_ms(r.tpot_err_ms_p50):>15} {_ms(r.tpot_err_ms_p99):>7} │ "
                    f"{ratios[0]:>12} {ratios[1]:>6} {ratios[2]:>8} │ "
@@ -667,6 +663,11 @@ def known_delay_server(procs: int, ttft_ms: float, tpot_ms: float, model: str, l
         server.close()
 
 
+def default_clients() -> str:
+    """Every peer, and capbench with two client processes where the cores allow it."""
+    return "capbench," + ("capbench-2," if (os.cpu_count() or 1) >= 4 else "") + "guidellm,vllm,aiperf"
+
+
 def default_streams() -> str:
     return "1,16,64,256,512" if (os.cpu_count() or 1) >= 8 else "1,16,64,256"
 
@@ -681,7 +682,9 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=16, help="at least this many requests per run")
     p.add_argument("--keep-cold", action="store_true",
                    help="count each stream's first request too (it opens the stream's connection)")
-    p.add_argument("--clients", default="capbench,guidellm,vllm,aiperf")
+    p.add_argument("--clients", default=default_clients(),
+                   help="capbench (client processes as `capbench run` picks them), capbench-N (N processes), "
+                        "guidellm, vllm, aiperf")
     p.add_argument("--server-procs", type=int, default=2, help="known-delay server processes (one port)")
     p.add_argument("--peers-dir", type=Path, default=engine_env.engines_dir().parent / "peers",
                    help="where the peers' virtualenvs are (DIR/guidellm, DIR/aiperf)")
@@ -703,8 +706,10 @@ def main() -> None:
              "vllm": vllm_client(a.vllm_env), "aiperf": aiperf_client(a.peers_dir)}
     clients = []
     for name in a.clients.split(","):
+        if name.startswith("capbench-") and name.removeprefix("capbench-").isdigit():
+            every[name] = capbench_client(int(name.removeprefix("capbench-")))
         if name not in every:
-            p.error(f"unknown client {name!r}; choose from {', '.join(every)}")
+            p.error(f"unknown client {name!r}; choose from {', '.join(every)} or capbench-N (N client processes)")
         reason = every[name].missing()
         if reason:
             print(f"{name}: not run here — {reason}", flush=True)
@@ -725,7 +730,7 @@ def main() -> None:
                 row = run_client(client, load, server, (a.ttft_ms, a.tpot_ms), work, 120 + 20 * ideal_s,
                                  cold=0 if a.keep_cold else streams)
                 rows.append(row)
-                print(f"  streams={streams:<4} {client.name:9} TTFT err p50 {_ms(row.ttft_err_ms_p50)} ms, "
+                print(f"  streams={streams:<4} {client.name:10} TTFT err p50 {_ms(row.ttft_err_ms_p50)} ms, "
                       f"cpu {_pct(row.cpu_tree_share)} — {row.status()}", flush=True)
     print()
     print(table(rows))

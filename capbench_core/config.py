@@ -108,6 +108,9 @@ class RunConfig(BaseModel):
     search_percentile: Literal["50", "90", "99"] = Field(default="99", description="the percentile the SLO binds")
     search_precision: float = Field(default=0.1, ge=0.01, le=1, description="max-rate: relative bracket width")
     search_steps: int = Field(default=8, ge=2, le=32, description="most probes per backend")
+    client_procs: int | None = Field(default=None, ge=1, le=256, description="client processes sending the "
+                                                                            "measured requests (None: one per 64 "
+                                                                            "streams, at most half the cores)")
     dtype: Literal["float32", "bfloat16"] | None = None
     endpoint: str | None = None
     served_model: str | None = None

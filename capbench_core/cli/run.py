@@ -61,6 +61,11 @@ RUN_OPTIONS: list[Callable[[Any], Any]] = [
                  help="With --search max-rate: stop when the bracket is this narrow (relative)."),
     click.option("--search-steps", type=click.IntRange(min=2, max=32), default=8, show_default=True,
                  help="With --search: at most this many probes per backend."),
+    click.option("--client-procs", type=click.IntRange(min=1, max=256), default=None, metavar="N",
+                 help="Client processes that send the measured requests, each with its own event loop and "
+                      "connections (default: one per 64 streams, at most half the cores; backends that run in "
+                      "capbench's process use one). A row whose client could not keep up is marked "
+                      "client_limited."),
     click.option("--price-usd-per-hour", type=click.FloatRange(min=0), default=None,
                  help="Hourly price of this machine, for $/Mtok."),
     click.option("--price-from", default=None, metavar="ROW_ID",

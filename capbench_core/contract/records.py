@@ -223,6 +223,16 @@ class Metrics(_Model):
                                                                                  "counters over the window")
     prefix_cache_reset: bool | None = Field(default=None, description="the engine's prefix cache was emptied "
                                                                       "before this level (None: it has none)")
+    client_procs: int | None = Field(default=None, description="client processes that sent the measured "
+                                                               "requests")
+    client_lag_ms_p50: float | None = Field(default=None, description="how late the client's event loop woke, "
+                                                                      "ms, median over every client process")
+    client_lag_ms_p99: float | None = Field(default=None, description="the same, p99 of the busiest process")
+    client_cpu_share: float | None = Field(default=None, description="CPU of the busiest client process's loop "
+                                                                     "thread, share of one core")
+    client_limited: bool | None = Field(default=None, description="the client could not keep up: lag p99 or "
+                                                                  "CPU past the thresholds (None: the engine "
+                                                                  "runs in capbench's process)")
     accuracy: float | None = None
     accuracy_metric: str | None = None
     accuracy_n: int | None = None

@@ -98,13 +98,28 @@ class Arrivals:
     seed: int = 0
 
 
+def schedule(requests: Sequence[Request], arrivals: Arrivals) -> list[float] | None:
+    """When each request is due, in seconds from the phase's start: a trace's own times, or seeded Poisson
+    arrivals at ``arrivals.rate_rps``; None for a closed loop (each request goes when a stream is free)."""
+    if requests and requests[0].at_s is not None:
+        first = min(r.at_s or 0.0 for r in requests)
+        return [(r.at_s or 0.0) - first for r in requests]
+    if arrivals.rate_rps:
+        rng = random.Random(arrivals.seed)
+        return list(itertools.accumulate((rng.expovariate(arrivals.rate_rps) for _ in requests[1:]), initial=0.0))
+    return None
+
+
 async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
                     phase: Phase, warmup: bool, judge: Callable[[str, str], dict[str, bool] | None],
-                    on_done: Callable[[RequestRecord], None] | None = None) -> None:
+                    on_done: Callable[[RequestRecord], None] | None = None, offsets: Sequence[float] | None = None,
+                    start_ns: int | None = None) -> None:
     """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end. Requests with a send time
     (``at_s``: a trace) are sent at it; requests of a conversation (``session``) are sent turn after turn,
-    each with the conversation so far; otherwise closed loop or Poisson as ``arrivals`` says."""
-    phase.start_ns = time.perf_counter_ns()
+    each with the conversation so far; otherwise closed loop or Poisson as ``arrivals`` says. A client process
+    running its share of a phase (measure/workers.py) is given the share's ``offsets`` and the phase's common
+    ``start_ns`` instead."""
+    phase.start_ns = start_ns or time.perf_counter_ns()
     deadline = phase.start_ns + int(arrivals.duration_s * 1e9) if arrivals.duration_s else None
 
     async def one(req: Request, scheduled_ns: int | None = None) -> RequestRecord:
@@ -125,15 +140,9 @@ async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arr
     def open_for_new() -> bool:
         return deadline is None or time.perf_counter_ns() < deadline
 
-    if requests and requests[0].at_s is not None:
-        first = min(r.at_s or 0.0 for r in requests)
-        await _open_loop(requests, [(r.at_s or 0.0) - first for r in requests], arrivals.concurrency, one,
-                         open_for_new)
-        return
-    if arrivals.rate_rps:
-        rng = random.Random(arrivals.seed)
-        offsets = list(itertools.accumulate((rng.expovariate(arrivals.rate_rps) for _ in requests[1:]), initial=0.0))
-        await _open_loop(requests, offsets, arrivals.concurrency, one, open_for_new)
+    due = schedule(requests, arrivals) if offsets is None else offsets
+    if due is not None:
+        await _open_loop(requests, due, arrivals.concurrency, one, open_for_new, phase.start_ns)
         return
     if any(r.session for r in requests):
         await _conversations(requests, arrivals.concurrency, one, open_for_new)
@@ -151,11 +160,10 @@ Send = Callable[[Request, "int | None"], Awaitable[RequestRecord]]
 
 
 async def _open_loop(requests: Sequence[Request], offsets: Sequence[float], cap: int, one: Send,
-                     open_for_new: Callable[[], bool]) -> None:
+                     open_for_new: Callable[[], bool], t0: int) -> None:
     """Send request i at t0 + offsets[i] s, at most ``cap`` in flight; each record keeps the time it was due,
     so a request held back (by the cap or a client that fell behind) shows the lag."""
     limit = asyncio.Semaphore(max(1, cap))
-    t0 = time.perf_counter_ns()
     tasks = []
 
     async def gated(req: Request, scheduled_ns: int) -> None:

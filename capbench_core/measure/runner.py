@@ -32,10 +32,12 @@ from capbench_core.contract.window import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.measure import progress
 from capbench_core.measure.energy import NvmlMeter, RaplMeter
+from capbench_core.measure.health import Health, client_figures
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
 from capbench_core.measure.memory import MemorySampler
 from capbench_core.measure.progress import Reporter
 from capbench_core.measure.search import meets, probes
+from capbench_core.measure.workers import client_procs, measured_phase
 from capbench_core.store import Store
 
 
@@ -63,6 +65,8 @@ class Point:
     shape: LoadShape | None = None
     memory: MemorySampler | None = None
     cache_note: str = ""
+    health: list[Health] = field(default_factory=list)
+    procs: int = 1
 
 
 @dataclass
@@ -246,6 +250,9 @@ class Runner:
         arrivals = Arrivals(level.concurrency, level.rate_rps, config.duration_s, config.seed)
         score = point.workload.score
 
+        point.procs, procs_note = client_procs(config.client_procs, level.concurrency, session)
+        if procs_note:
+            self.reporter.note(f"{label}: {procs_note}")
         reset, how = session.reset_prefix_cache()
         result.metrics.prefix_cache_reset = reset
         point.cache_note = how
@@ -259,7 +266,8 @@ class Runner:
             tick = self.reporter.phase(label, len(measured))
             await asyncio.to_thread(session.begin_window)
             meter.start()
-            await run_phase(session, measured, arrivals, origin, main_phase, False, score, lambda _: tick())
+            point.health = await measured_phase(session, measured, arrivals, origin, main_phase, score,
+                                                lambda _: tick(), point.procs)
             self.reporter.end_phase()
             report = await asyncio.to_thread(session.end_window)
             if report is None or not report.experts_per_layer:
@@ -324,6 +332,7 @@ class Runner:
         figures.price(m, self.cost, self.hardware)
         metrics.goodput(m, main.records, point.run.config.slo, main.window_ns)
         metrics.workload_figures(m, main.records)
+        client_figures(m, point.health, point.procs, session.base_url is None)
         m.prefix_cache_reset = result.metrics.prefix_cache_reset
         m.notes["prefix_cache_reset"] = point.cache_note
         if report is not None:

@@ -26,6 +26,7 @@ from capbench_core.analytics.model_spec import ModelSpec, spec_from_config
 from capbench_core.analytics.weights import DTYPE_BYTES
 from capbench_core.contract.records import Metrics, RunResult
 from capbench_core.errors import CapbenchError
+from capbench_core.measure.health import CPU_SHARE, LAG_P99_MS, limited
 from capbench_core.publish import bounds
 from capbench_core.publish.findings import Finding, compare, same, show
 
@@ -50,6 +51,9 @@ REPORTED_ONLY = {
     "price_usd_per_hour": "the submitter's stated price (the costs are re-derived from it)",
     "prefix_cache_hit_rate_engine": "the engine's own /metrics",
     "prefix_cache_reset": "the submitter's engine answered the reset",
+    "client_procs": "the submitter's client", "client_lag_ms_p50": "the submitter's client's own event-loop probe",
+    "client_lag_ms_p99": "the submitter's client's own event-loop probe",
+    "client_cpu_share": "the submitter's client's own CPU time",
 }
 #: A utilisation up to 1 + this is accepted (null with a note, as the runner stores it): what caches serve;
 #: above it the run is refused.
@@ -72,6 +76,7 @@ def check(result: RunResult, tasks: Mapping[str, Any] | None = None) -> list[Fin
     findings += _efficiency(result)
     findings += _cost(result)
     findings += _energy(result)
+    findings += _client(result)
     findings += _routing(result)
     findings += _workload_shape(result)
     return findings
@@ -492,10 +497,25 @@ def _energy(r: RunResult) -> Iterator[Finding]:
         yield Finding("metrics.energy_source", m.energy_source, "the counter", "an energy reading without its source")
 
 
+def _client(r: RunResult) -> Iterator[Finding]:
+    """client_limited from the (reported) lag and CPU of the busiest client process: a row cannot call its
+    client healthy against its own figures, nor without them."""
+    m = r.metrics
+    if m.client_limited is None:
+        return
+    if m.client_lag_ms_p99 is None or m.client_cpu_share is None:
+        yield Finding("metrics.client_limited", m.client_limited, None,
+                      "a verdict on the client without the lag and CPU it is judged from")
+    elif m.client_limited != limited(m.client_lag_ms_p99, m.client_cpu_share):
+        yield Finding("metrics.client_limited", m.client_limited, not m.client_limited,
+                      f"lag p99 {m.client_lag_ms_p99:.3g} ms and CPU {m.client_cpu_share:.0%} against the thresholds "
+                      f"({LAG_P99_MS:g} ms, {CPU_SHARE:.0%})")
+
+
 #: Every figure of Metrics that a rule above re-derives or bounds, and the texts that only explain one.
 CHECKED_METRICS = frozenset({
     *LATENCY_FIELDS, *STEP_FIELDS, *ROUTING_FIELDS, *WORKLOAD_FIELDS, "duration_s", "goodput_rps", "slo_attainment",
     "accuracy",
     "accuracy_metric", "accuracy_n", "accuracy_ci95_low", "accuracy_ci95_high", "accuracy_by_metric",
     "weights_gb_predicted", "cost_usd_per_mtok", "cost_usd_per_mtok_all", "cost_basis", "energy_j_per_output_token",
-    "energy_source", "cost_model", "mem_method", "notes", "unverified"})
+    "energy_source", "cost_model", "mem_method", "notes", "unverified", "client_limited"})

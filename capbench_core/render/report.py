@@ -86,7 +86,7 @@ COLUMNS: list[tuple[str, Callable[[RunResult], str]]] = [
     ("mem GB", lambda r: _fmt(r.metrics.mem_peak_gb, ".3g")),
     ("S-MFU", lambda r: _pct(r.metrics.s_mfu)),
     ("J/token", lambda r: _fmt(r.metrics.energy_j_per_output_token, ".4g")),
-    ("status", lambda r: r.status),
+    ("status", lambda r: row_status(r)),
     ("server TTFT ms", lambda r: _fmt(r.metrics.server_ttft_ms_mean, ".2f")),
     ("server TPOT ms", lambda r: _fmt(r.metrics.server_tpot_ms_mean, ".2f")),
 ]
@@ -104,7 +104,7 @@ def _shown(results: Sequence[RunResult]) -> list[tuple[str, Callable[[RunResult]
     """The columns that say something for these rows: status only when a row is not complete,
     server latencies only when an engine reported them."""
     drop = set()
-    if all(r.status == "complete" for r in results):
+    if all(row_status(r) == "complete" for r in results):
         drop.add("status")
     if all(r.metrics.server_ttft_ms_mean is None for r in results):
         drop.add("server TTFT ms")
@@ -187,6 +187,12 @@ def print_note(console: Console, note: str) -> None:
     console.print(Text("  • " + "\n    ".join(lines), style="dim"), overflow="fold")
 
 
+def row_status(r: RunResult) -> str:
+    """The row's status, and `client-limited` when its client could not keep up (its timings include the
+    client's own delay)."""
+    return f"{r.status}, client-limited" if r.metrics.client_limited else r.status
+
+
 def row_block(r: RunResult) -> list[str]:
     """One row as `key value` lines (like vLLM's benchmark summary): every field, nothing cut."""
     m = r.metrics
@@ -206,6 +212,8 @@ def null_reasons(results: Sequence[RunResult]) -> list[str]:
     for r in results:
         if r.status != "complete" and r.status_reason:
             lines.append(f"{r.backend} {run_load(r)}: {r.status} — {r.status_reason}")
+        if r.metrics.client_limited:
+            lines.append(f"{r.backend} {run_load(r)}: client-limited — {r.metrics.notes.get('client_limited', '')}")
         for key, label in NOTE_KEYS.items():
             reason = r.metrics.notes.get(key)
             line = f"{label}: {reason}"

@@ -25,16 +25,7 @@ from pathlib import Path
 
 from capbench_core.errors import CapbenchError
 from capbench_core.measure import progress
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it if capbench itself dies (even by SIGKILL)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+from capbench_core.measure.workers import die_with_parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -222,7 +213,7 @@ def launch(argv: Sequence[str], base_url: str, log_path: Path, health_paths: Seq
         try:
             process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, env={**os.environ, **(env or {})},
-                                       preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                       preexec_fn=die_with_parent if sys.platform == "linux" else None)
         except OSError as exc:
             raise CapbenchError(f"cannot start {shlex.join(argv)}: {exc.strerror}") from None
     server = Server(list(argv), process, base_url, log_path, oom_kills())

@@ -65,6 +65,8 @@ SOURCE_VERSION = "0.3.36"   # its sdist vendors llama.cpp; keep equal to the in-
 TOOLS = ("llama-server", "llama-bench", "llama-quantize")
 #: The shared libraries llama-cpp-python loads (llama_cpp/lib), built with the tools.
 LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "mtmd")
+#: llama.cpp's LLAMA_MAX_SEQ: a server with more slots refuses to start; requests beyond them wait in its queue
+MAX_SLOTS = 256
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
@@ -114,7 +116,8 @@ class LlamaServerOptions(LlamaCppOptions, ServerOptions):
     flash_attn: str | None = flag("--flash-attn", "flash attention: on, off or auto", pattern=r"^(on|off|auto)$")
     ubatch_size: int | None = flag("--ubatch-size", "physical batch size", ge=1)
     server_binary: str | None = option("launch this llama-server instead of the llama.cpp engine environment's")
-    parallel: int | None = option("slots decoded together (default: the run's highest concurrency)", ge=1)
+    parallel: int | None = option(f"slots decoded together (default: the run's highest concurrency, at most "
+                                  f"{MAX_SLOTS})", ge=1, le=MAX_SLOTS)
     ctx_per_slot: int | None = option("context per slot (default: the longest request, at most the model's "
                                       "training context)", ge=1)
     cache_ram: int | None = option("MiB of host memory for llama-server's prompt cache (--cache-ram; its default "
@@ -260,7 +263,7 @@ class LlamaCppServerBackend(ServerBackend):
     def argv(self, binary: Path, gguf: Path, port: int, opts: Mapping[str, Any], alias: str,  # type: ignore[override]
              shape: LoadShape) -> list[str]:
         """llama-server's command line: one slot per request in flight, each with the context the run needs."""
-        parallel = int(opts.get("parallel") or shape.max_concurrency)
+        parallel = min(int(opts.get("parallel") or shape.max_concurrency), MAX_SLOTS)
         per_slot = int(opts.get("ctx_per_slot") or opts.get("n_ctx") or shape.context_for(gguf_context_length(gguf))
                        or 512)
         threads = int(opts.get("threads") or len(os.sched_getaffinity(0)))
