@@ -7,12 +7,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from capbench_core.analytics.metrics import latency_and_throughput, request_timings
 from capbench_core.contract.backend import EngineInfo, Request
+from capbench_core.contract.records import RequestRecord
 from capbench_core.errors import CapbenchError
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
 from capbench_core.serving.launcher import free_port, launch
@@ -196,3 +198,55 @@ def test_rate_levels_are_stored_and_labelled(db_url: str) -> None:
     assert "20/s" in proc.stdout and "40/s" in proc.stdout
     rows = json.loads(run_cli("compare", "--db", db_url, "--json", check=True).stdout)
     assert len(rows) == 2 and all(r["num_completed"] == 10 for r in rows)
+
+
+def _raw_server(reply: bytes, then_close: bool) -> tuple[Callable[[], Awaitable[asyncio.Server]], list[int]]:
+    """A server that answers every request with ``reply`` and then closes the connection or goes silent."""
+    port: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        if then_close:
+            writer.close()
+        else:
+            await asyncio.sleep(30)
+
+    async def start() -> asyncio.Server:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        return server
+
+    return start, port
+
+
+def _one_request(reply: bytes, then_close: bool, timeout_s: float) -> RequestRecord:
+    start, port = _raw_server(reply, then_close)
+
+    async def run() -> RequestRecord:
+        async with await start():
+            session = OpenAISession(f"http://127.0.0.1:{port[0]}", "m", EngineInfo("raw", "0", {}),
+                                    count_tokens=lambda t: len(t.split()), timeout_s=timeout_s)
+            phase = Phase()
+            await run_phase(session, [Request(id="0", prompt="a", max_tokens=4)], Arrivals(1), time.perf_counter_ns(),
+                            phase, False, lambda rid, text: None)
+            return phase.records[0]
+
+    return asyncio.run(run())
+
+
+SSE = b'data: {"id":"x","choices":[{"text":" the","finish_reason":null}]}\n\n'
+
+
+def test_a_silent_server_times_out_and_a_close_delimited_body_ends() -> None:
+    """The idle timeout (one timer per response) ends a stream that stops sending; a body without a length that
+    ends with the connection (HTTP/1.0 style) is a complete response."""
+    began = time.monotonic()
+    stalled = _one_request(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + f"{len(SSE):x}\r\n".encode()
+                           + SSE + b"\r\n", then_close=False, timeout_s=0.5)
+    assert stalled.error_kind == "timeout" and len(stalled.chunk_offsets_ns) == 1
+    assert time.monotonic() - began < 10
+    closed = _one_request(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + SSE * 2
+                          + b"data: [DONE]\n\n", then_close=True, timeout_s=5)
+    assert closed.error_kind is None and closed.output_text == " the the"

@@ -46,24 +46,27 @@ async def _one(session: Session, req: Request, rec: RequestRecord, origin_ns: in
     sent = time.perf_counter_ns()
     rec.sent_ns = sent - origin_ns
     text: list[str] = []
-    usage = None
-    try:
+    offsets: list[int] = []
+    tokens: list[int] = []
+    usage = finish = server_id = None
+    try:  # per chunk: a timestamp and a token count, kept in locals (the record is a validated model)
         async for chunk in session.stream(req):
             now = chunk.emitted_ns or time.perf_counter_ns()
-            if chunk.usage is not None:
-                usage = chunk.usage
             if chunk.num_tokens or chunk.text or chunk.finish_reason:
                 # A token-free chunk that ends the generation (a server's EOS chunk) keeps its time: E2E.
-                rec.chunk_offsets_ns.append(now - sent)
-                rec.chunk_tokens.append(chunk.num_tokens)
+                offsets.append(now - sent)
+                tokens.append(chunk.num_tokens)
                 text.append(chunk.text)
-            rec.finish_reason = chunk.finish_reason or rec.finish_reason
-            rec.server_request_id = chunk.server_request_id or rec.server_request_id
+            usage = chunk.usage or usage
+            finish = chunk.finish_reason or finish
+            server_id = chunk.server_request_id or server_id
     except BaseException as exc:  # failures are data; cancellation is recorded, then re-raised
         rec.error_kind, rec.error = _error_kind(exc), str(exc) or type(exc).__name__
         if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
             raise
     finally:
+        rec.chunk_offsets_ns, rec.chunk_tokens = offsets, tokens
+        rec.finish_reason, rec.server_request_id = finish, server_id
         rec.output_text = "".join(text)
         _count_tokens(rec, req, session, usage)
         if rec.error_kind is None:

@@ -37,7 +37,7 @@ from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
 from capbench_core.measure.memory import MemorySampler
 from capbench_core.measure.progress import Reporter
 from capbench_core.measure.search import meets, probes
-from capbench_core.measure.workers import client_procs, measured_phase
+from capbench_core.measure.workers import client_procs, measured_phase, run_loop
 from capbench_core.store import Store
 
 
@@ -279,7 +279,7 @@ class Runner:
             point.reports.append(report)
 
         try:
-            asyncio.run(drive())
+            run_loop(drive())
         except KeyboardInterrupt:
             self.reporter.end_phase(failed=True)
             self._compute(point, session, warm_phase, main_phase, meter)

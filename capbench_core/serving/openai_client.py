@@ -13,10 +13,11 @@ that the load generator records per request, by kind.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from capbench_core.contract.backend import EngineInfo, Request, Session, TokenChunk, Usage
 from capbench_core.contract.window import WindowReport
@@ -175,7 +176,7 @@ class OpenAISession(Session):
         buffer = b""
         error = b""
         status = 0
-        payload = json.dumps(self.body(req)).encode()
+        payload = orjson.dumps(self.body(req))
         path = "/v1/chat/completions" if req.chat else "/v1/completions"
         try:
             async for status, piece in self._client().post_stream(path, payload):
@@ -222,8 +223,8 @@ class OpenAISession(Session):
     @staticmethod
     def _parse(data: bytes) -> dict[str, Any]:
         try:
-            obj = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
             raise MalformedChunk(f"chunk is not JSON: {data[:80]!r}") from None
         if not isinstance(obj, dict):
             raise MalformedChunk(f"chunk is not a JSON object: {data[:80]!r}")
