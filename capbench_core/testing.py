@@ -44,6 +44,7 @@ class Timing:
     num_experts: int = 8
     recorder_dir: str = ""  # sglang flavor: where /dump_expert_distribution_record writes its .pt
     capacity: int = 0  # requests served at once (0: unlimited); the rest wait, so TTFT grows past it
+    burst: bool = False  # every token of a response in one write after TTFT: faster than any client parses
 
 
 class _Handler:
@@ -109,6 +110,13 @@ class _Handler:
             await self._chunk(writer, b"data: {not json\n\n")
         if self.t.fault.startswith("exit_after:") and self.requests > int(self.t.fault.split(":")[1]):
             os._exit(3)
+        if self.t.burst:
+            await _sleep_until(start + self.t.ttft_ms / 1e3)
+            events = "".join(f'data: {{"id":"{rid}","object":"text_completion","choices":[{{"index":0,"text":"t{i} ",'
+                             f'"finish_reason":{"null" if i < n - 1 else chr(34) + "length" + chr(34)}}}]}}\n\n'
+                             for i in range(n))
+            await self._chunk(writer, events.encode())
+            sent = n
         while sent < n:
             k = min(self.t.tokens_per_chunk, n - sent)
             due = start + (self.t.ttft_ms + (sent + k - 1) * self.t.tpot_ms) / 1e3
@@ -277,10 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--recorder-dir", default="")
     p.add_argument("--capacity", type=int, default=0, help="requests served at once (0: unlimited)")
+    p.add_argument("--burst", action="store_true", help="every token of a response in one write after TTFT")
     a = p.parse_args(argv)
     timing = Timing(a.ttft_ms, a.tpot_ms, a.jitter_ms, a.tokens_per_chunk, a.failure_rate, not a.no_usage,
                     a.model, a.seed, a.fault, a.flavor, a.experts_per_layer, a.num_experts, a.recorder_dir,
-                    a.capacity)
+                    a.capacity, a.burst)
     asyncio.run(_main(a.host, a.port, timing))
 
 
@@ -291,7 +300,7 @@ def reference_argv(port: int, timing: Timing) -> list[str]:
             "--seed", str(timing.seed), "--fault", timing.fault, "--flavor", timing.flavor,
             "--experts-per-layer", timing.experts_per_layer, "--num-experts", str(timing.num_experts),
             "--recorder-dir", timing.recorder_dir, "--capacity", str(timing.capacity)]
-    return argv + ([] if timing.usage else ["--no-usage"])
+    return argv + ([] if timing.usage else ["--no-usage"]) + (["--burst"] if timing.burst else [])
 
 
 @contextmanager

@@ -93,8 +93,14 @@ def client_figures(m: Metrics, healths: Sequence[Health], procs: int, in_process
                                      "it, so the client's health is not judged")
         return
     m.client_limited = limited(m.client_lag_ms_p99, m.client_cpu_share)
-    if m.client_limited:
+    if m.client_limited and m.client_cpu_share >= CPU_SHARE:
         m.notes["client_limited"] = (
-            f"the client could not keep up (loop lag p99 {m.client_lag_ms_p99:.1f} ms, loop thread at "
-            f"{m.client_cpu_share:.0%} of a core, {procs} client process(es)): its timings include its own delay. "
-            f"Run with more --client-procs if cores are free, or the client on another machine (--endpoint)")
+            f"the client could not keep up (its loop thread at {m.client_cpu_share:.0%} of a core, loop lag p99 "
+            f"{m.client_lag_ms_p99:.1f} ms, {procs} client process(es)): its timings include its own delay. Run "
+            f"with more --client-procs if cores are free, or the client on another machine (--endpoint)")
+    elif m.client_limited:
+        m.notes["client_limited"] = (
+            f"the client could not keep up: its event loop woke up to {m.client_lag_ms_p99:.1f} ms late (p99) while "
+            f"using only {m.client_cpu_share:.0%} of a core, so it was waiting for one (the cores were busy with "
+            f"other work, such as an engine on the same machine); its timings include that delay. Leave the client "
+            f"a free core, or run it on another machine (--endpoint)")

@@ -238,6 +238,7 @@ def _child(conn: Connection, session: Session, share: Share, arrivals: Arrivals,
     cancelled and sent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # the parent's loop's: a signal here must not wake it
     die_with_parent()
     asyncio._set_running_loop(None)  # forked inside the parent's running loop (Python < 3.12 keeps its mark)
 
