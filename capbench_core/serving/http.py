@@ -38,6 +38,8 @@ class _Response:
     complete: bool = False
     framed: bool = False  # a content-length or chunked body; else the body ends when the server closes
     headers_done: bool = False
+    keep_alive: bool = False  # read when the message completes: llhttp forgets it right after
+    parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
@@ -51,6 +53,7 @@ class _Response:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
 
 class StreamingClient:
@@ -104,7 +107,7 @@ class StreamingClient:
         head = (f"POST {self.prefix}{path} HTTP/1.1\r\n{self.headers}content-type: {content_type}\r\n"
                 f"content-length: {len(body)}\r\n\r\n")
         response = _Response()
-        parser = httptools.HttpResponseParser(response)
+        parser = response.parser = httptools.HttpResponseParser(response)
         idle = _IdleTimeout(conn, self.timeout_s)
         try:
             conn.writer.write(head.encode() + body)
@@ -130,7 +133,7 @@ class StreamingClient:
             raise
         finally:
             idle.cancel()
-        if response.complete and parser.should_keep_alive():
+        if response.complete and response.keep_alive:
             self._idle.append(conn)
         else:
             conn.writer.close()
