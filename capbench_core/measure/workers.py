@@ -37,7 +37,7 @@ from capbench_core.errors import CapbenchError
 from capbench_core.measure.health import Health, LagProbe
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase, schedule
 
-#: streams one client process keeps with sub-millisecond TTFT error (bench_client_timing: 0.3 ms median at 64)
+#: streams one client process keeps with sub-millisecond TTFT error (bench_client_timing: 0.21 ms median at 64)
 STREAMS_PER_PROC = 64
 #: how long workers get to start, and to hand back what they measured once told to stop
 START_TIMEOUT_S = 60.0
