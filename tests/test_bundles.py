@@ -188,8 +188,11 @@ def _run(doc: dict, i: int = 0) -> dict:  # type: ignore[type-arg]
 
 
 def _scale(field: str, factor: float):  # type: ignore[no-untyped-def]
+    """The figure times ``factor``; a zero (goodput when a busy machine met no SLO) becomes ``factor``, so the
+    edit always changes what the bundle states."""
     def edit(doc: dict) -> None:  # type: ignore[type-arg]
-        _run(doc)["metrics"][field] *= factor
+        metrics = _run(doc)["metrics"]
+        metrics[field] = (metrics[field] or 1.0) * factor
     return edit
 
 

@@ -174,7 +174,6 @@ def _experts(steps: Any, spec: ModelSpec) -> Iterator[Finding]:
                 yield Finding(f"decode_steps.distinct_experts[*].{layer}", mean, f"<= {ceiling:.6g}",
                               "on average no more experts per step than its sequences can route to (top_k each)")
                 return
-            return
 
 
 def _decoded_tokens(r: RunResult) -> Iterator[Finding]:
