@@ -39,7 +39,6 @@ helps only with spare cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -417,7 +416,7 @@ def run_capbench_client(spec: dict[str, Any]) -> None:
     from capbench_core.analytics.metrics import request_timings
     from capbench_core.contract.backend import EngineInfo, Request
     from capbench_core.measure.loadgen import Arrivals, Phase
-    from capbench_core.measure.workers import client_procs, measured_phase
+    from capbench_core.measure.workers import client_procs, measured_phase, run_loop
     from capbench_core.serving.openai_client import OpenAISession
 
     session = OpenAISession(spec["url"], spec["model"], EngineInfo("known-delay", "0", {}),
@@ -427,15 +426,15 @@ def run_capbench_client(spec: dict[str, Any]) -> None:
     phase = Phase()
     origin_ns = time.perf_counter_ns()
     procs, _ = client_procs(spec["procs"], spec["streams"], session)
-    healths = asyncio.run(measured_phase(session, reqs, Arrivals(spec["streams"]), origin_ns, phase,
-                                         lambda a, b: None, procs=procs))
+    run_loop(measured_phase(session, reqs, Arrivals(spec["streams"]), origin_ns, phase,
+             lambda a, b: None, procs=procs))
     out = []
     for rec in phase.records:
         t = request_timings(rec)
         start = (origin_ns + rec.sent_ns) / 1e9
         out.append({"error": rec.error_kind, "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "start_s": start,
                     "end_s": start + max(rec.chunk_offsets_ns, default=0) / 1e9})
-    lag_ms = [x for h in healths for x in h.lag_ms]
+    lag_ms = [x for h in phase.health for x in h.lag_ms]
     Path(spec["out"]).write_text(json.dumps({"records": out, "loop_lag_ms": lag_ms}))
 
 

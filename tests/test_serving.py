@@ -131,8 +131,8 @@ def test_launcher_quotes_the_log_when_the_engine_dies(tmp_path: Path) -> None:
 
 def test_launcher_times_out_and_kills_the_whole_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
-    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-              f"time.sleep(600)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    script = (f"import signal, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import signal; "
+              f"signal.pause()']); open({str(pidfile)!r}, 'w').write(str(p.pid)); signal.pause()")
     with pytest.raises(CapbenchError, match="did not become ready within 3 s"):
         with launch([sys.executable, "-c", script], "http://127.0.0.1:9", tmp_path / "e.log", timeout_s=3):
             pass

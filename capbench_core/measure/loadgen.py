@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from capbench_core.contract.backend import Request, Session, Usage
 from capbench_core.contract.records import RequestRecord
+from capbench_core.measure.health import Health
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Phase:
     records: list[RequestRecord] = field(default_factory=list)
     start_ns: int = 0
     end_ns: int = 0
+    #: each client process's event loop over the measured phase (measure/workers.py)
+    health: list[Health] = field(default_factory=list)
 
     @property
     def window_ns(self) -> int:
@@ -93,17 +96,24 @@ def _count_tokens(rec: RequestRecord, req: Request, session: Session, usage: Usa
 class Arrivals:
     """How requests arrive: ``concurrency`` workers back to back (closed loop), or a seeded
     Poisson process of ``rate_rps`` (open loop; ``concurrency`` then caps requests in flight).
-    ``duration_s`` stops issuing new requests after that many seconds."""
+    ``duration_s`` stops issuing new requests after that many seconds. A client process running its share
+    of a phase (measure/workers.py) is given the share's due times (``offsets``) and the phase's common
+    ``start_ns`` instead."""
 
     concurrency: int
     rate_rps: float | None = None
     duration_s: float | None = None
     seed: int = 0
+    offsets: tuple[float, ...] | None = None
+    start_ns: int | None = None
 
 
 def schedule(requests: Sequence[Request], arrivals: Arrivals) -> list[float] | None:
     """When each request is due, in seconds from the phase's start: a trace's own times, or seeded Poisson
-    arrivals at ``arrivals.rate_rps``; None for a closed loop (each request goes when a stream is free)."""
+    arrivals at ``arrivals.rate_rps`` (or the due times it was given); None for a closed loop (each request goes
+    when a stream is free)."""
+    if arrivals.offsets is not None:
+        return list(arrivals.offsets)
     if requests and requests[0].at_s is not None:
         first = min(r.at_s or 0.0 for r in requests)
         return [(r.at_s or 0.0) - first for r in requests]
@@ -115,14 +125,11 @@ def schedule(requests: Sequence[Request], arrivals: Arrivals) -> list[float] | N
 
 async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
                     phase: Phase, warmup: bool, judge: Callable[[str, str], dict[str, bool] | None],
-                    on_done: Callable[[RequestRecord], None] | None = None, offsets: Sequence[float] | None = None,
-                    start_ns: int | None = None) -> None:
+                    on_done: Callable[[RequestRecord], None] | None = None) -> None:
     """Run ``requests`` under ``arrivals``; fills ``phase`` as requests end. Requests with a send time
     (``at_s``: a trace) are sent at it; requests of a conversation (``session``) are sent turn after turn,
-    each with the conversation so far; otherwise closed loop or Poisson as ``arrivals`` says. A client process
-    running its share of a phase (measure/workers.py) is given the share's ``offsets`` and the phase's common
-    ``start_ns`` instead."""
-    phase.start_ns = start_ns or time.perf_counter_ns()
+    each with the conversation so far; otherwise closed loop or Poisson as ``arrivals`` says."""
+    phase.start_ns = arrivals.start_ns or time.perf_counter_ns()
     deadline = phase.start_ns + int(arrivals.duration_s * 1e9) if arrivals.duration_s else None
 
     async def one(req: Request, scheduled_ns: int | None = None) -> RequestRecord:
@@ -143,7 +150,7 @@ async def run_phase(session: Session, requests: Sequence[Request], arrivals: Arr
     def open_for_new() -> bool:
         return deadline is None or time.perf_counter_ns() < deadline
 
-    due = schedule(requests, arrivals) if offsets is None else offsets
+    due = schedule(requests, arrivals)
     if due is not None:
         await _open_loop(requests, due, arrivals.concurrency, one, open_for_new, phase.start_ns)
         return
@@ -194,14 +201,20 @@ def turn_prompt(history: str, message: str) -> str:
     return f"{history}{message}\n"
 
 
+def conversations(requests: Sequence[Request]) -> list[list[Request]]:
+    """The requests of each conversation (``session``), turns in order, conversations in order of first turn."""
+    talks: dict[str, list[Request]] = {}
+    for req in requests:
+        talks.setdefault(str(req.session), []).append(req)
+    return list(talks.values())
+
+
 async def _conversations(requests: Sequence[Request], concurrency: int, one: Send,
                          open_for_new: Callable[[], bool]) -> None:
     """``concurrency`` conversations at once; each sends its turns in order, turn k+1 carrying turns 1..k
     with the model's real replies, so its prompt starts with the whole of turn k's prompt and reply."""
-    talks: dict[str, list[Request]] = {}
-    for req in requests:
-        talks.setdefault(str(req.session), []).append(req)
-    pending = list(reversed(talks.values()))
+    talks = conversations(requests)
+    pending = list(reversed(talks))
 
     async def talker() -> None:
         while pending and open_for_new():

@@ -32,7 +32,7 @@ from capbench_core.contract.window import WindowReport
 from capbench_core.errors import CapbenchError
 from capbench_core.measure import progress
 from capbench_core.measure.energy import NvmlMeter, RaplMeter
-from capbench_core.measure.health import Health, client_figures
+from capbench_core.measure.health import client_figures
 from capbench_core.measure.loadgen import Arrivals, Phase, run_phase
 from capbench_core.measure.memory import MemorySampler
 from capbench_core.measure.progress import Reporter
@@ -65,7 +65,6 @@ class Point:
     shape: LoadShape | None = None
     memory: MemorySampler | None = None
     cache_note: str = ""
-    health: list[Health] = field(default_factory=list)
     procs: int = 1
 
 
@@ -266,8 +265,8 @@ class Runner:
             tick = self.reporter.phase(label, len(measured))
             await asyncio.to_thread(session.begin_window)
             meter.start()
-            point.health = await measured_phase(session, measured, arrivals, origin, main_phase, score,
-                                                lambda _: tick(), point.procs)
+            await measured_phase(session, measured, arrivals, origin, main_phase, score, lambda _: tick(),
+                                 point.procs)
             self.reporter.end_phase()
             report = await asyncio.to_thread(session.end_window)
             if report is None or not report.experts_per_layer:
@@ -332,7 +331,7 @@ class Runner:
         figures.price(m, self.cost, self.hardware)
         metrics.goodput(m, main.records, point.run.config.slo, main.window_ns)
         metrics.workload_figures(m, main.records)
-        client_figures(m, point.health, point.procs, session.base_url is None)
+        client_figures(m, main.health, point.procs, session.base_url is None)
         m.prefix_cache_reset = result.metrics.prefix_cache_reset
         m.notes["prefix_cache_reset"] = point.cache_note
         if report is not None:

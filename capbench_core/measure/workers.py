@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 from capbench_core.contract.backend import Request, Session
 from capbench_core.contract.records import RequestRecord
 from capbench_core.errors import CapbenchError
-from capbench_core.measure.health import Health, LagProbe
-from capbench_core.measure.loadgen import Arrivals, Phase, run_phase, schedule
+from capbench_core.measure.health import LagProbe
+from capbench_core.measure.loadgen import Arrivals, Phase, conversations, run_phase, schedule
 
 #: streams one client process keeps with sub-millisecond TTFT error (bench_client_timing: 0.21 ms median at 64)
 STREAMS_PER_PROC = 64
@@ -92,7 +92,7 @@ class Share:
     """What one client process runs: its requests, their due times (open loop) and its streams."""
 
     requests: list[Request]
-    offsets: list[float] | None
+    offsets: tuple[float, ...] | None
     streams: int
 
 
@@ -101,32 +101,38 @@ def split(requests: Sequence[Request], arrivals: Arrivals, procs: int) -> list[S
     streams = [arrivals.concurrency // procs + (i < arrivals.concurrency % procs) for i in range(procs)]
     due = schedule(requests, arrivals)
     if due is not None:
-        return [Share(list(requests[i::procs]), list(due[i::procs]), streams[i]) for i in range(procs)
-                if requests[i::procs]]
-    if any(r.session for r in requests):
-        talks: dict[str, list[Request]] = {}
-        for req in requests:
-            talks.setdefault(str(req.session), []).append(req)
-        dealt = list(talks.values())
-        return [Share([r for talk in dealt[i::procs] for r in talk], None, streams[i]) for i in range(procs)
-                if dealt[i::procs]]
-    shares: list[list[Request]] = [[] for _ in range(procs)]
-    serving = [k for k in range(procs) if streams[k]]
-    for req in requests:  # each request to the share furthest below its part of the streams
-        i = min(serving, key=lambda k: (len(shares[k]) / streams[k], k))
-        shares[i].append(req)
-    return [Share(shares[i], None, streams[i]) for i in range(procs) if shares[i] and streams[i]]
+        shares = [Share(list(requests[i::procs]), tuple(due[i::procs]), streams[i]) for i in range(procs)]
+    elif any(r.session for r in requests):
+        talks = conversations(requests)
+        shares = [Share([r for talk in talks[i::procs] for r in talk], None, streams[i]) for i in range(procs)]
+    else:
+        shares = [Share(dealt, None, streams[i]) for i, dealt in enumerate(_by_streams(requests, streams))]
+    return [s for s in shares if s.requests]
+
+
+def _by_streams(requests: Sequence[Request], streams: list[int]) -> list[list[Request]]:
+    """Closed loop: each request to the share furthest below its part of the streams."""
+    shares: list[list[Request]] = [[] for _ in streams]
+    serving = [k for k, n in enumerate(streams) if n]
+    for req in requests:
+        shares[min(serving, key=lambda k: (len(shares[k]) / streams[k], k))].append(req)
+    return shares
 
 
 async def measured_phase(session: Session, requests: Sequence[Request], arrivals: Arrivals, origin_ns: int,
                          phase: Phase, judge: Judge, on_done: Callable[[RequestRecord], None] | None = None,
-                         procs: int = 1) -> list[Health]:
-    """The measured requests over ``procs`` client processes (1: this one); the health of each."""
+                         procs: int = 1) -> None:
+    """The measured requests over ``procs`` client processes (1: this one); ``phase.health`` gets the health of
+    each, also when the phase is interrupted."""
     if procs <= 1 or session.base_url is None:
-        async with LagProbe() as probe:
-            await run_phase(session, requests, arrivals, origin_ns, phase, False, judge, on_done)
-        return [probe.health]
-    return await _forked(session, split(requests, arrivals, procs), arrivals, origin_ns, phase, judge, on_done)
+        probe = LagProbe()
+        try:
+            async with probe:
+                await run_phase(session, requests, arrivals, origin_ns, phase, False, judge, on_done)
+        finally:
+            phase.health.append(probe.health)
+        return
+    await _Gather(phase, on_done).run(session, split(requests, arrivals, procs), arrivals, origin_ns, judge)
 
 
 class _Worker:
@@ -144,57 +150,62 @@ class _Worker:
             os.kill(self.process.pid, signal.SIGTERM)
 
 
-async def _forked(session: Session, shares: list[Share], arrivals: Arrivals, origin_ns: int, phase: Phase,
-                  judge: Judge, on_done: Callable[[RequestRecord], None] | None) -> list[Health]:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forking after the tokenizer's threads ran
-    context = multiprocessing.get_context("fork")
-    workers = [_Worker(context, _child, (session, share, arrivals, origin_ns, judge)) for share in shares]
-    healths: list[Health] = []
-    failures: list[str] = []
-    finished = asyncio.get_running_loop().create_future()
+class _Gather:
+    """The parent's side of a forked phase: start the workers, merge what they send into the phase as it comes,
+    stop them all at the end (or on Ctrl-C, or when one fails)."""
 
-    def take(worker: _Worker, message: tuple[str, Any]) -> None:
+    def __init__(self, phase: Phase, on_done: Callable[[RequestRecord], None] | None):
+        self.phase, self.on_done = phase, on_done
+        self.failures: list[str] = []
+        self.workers: list[_Worker] = []
+
+    async def run(self, session: Session, shares: list[Share], arrivals: Arrivals, origin_ns: int,
+                  judge: Judge) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forking after the tokenizer's threads ran
+        context = multiprocessing.get_context("fork")
+        self.workers = [_Worker(context, _child, (session, share, arrivals, origin_ns, judge)) for share in shares]
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        try:
+            await asyncio.to_thread(_await_ready, self.workers)
+            start_ns = time.perf_counter_ns() + 5_000_000  # each worker waits for this instant to begin
+            self.phase.start_ns = self.phase.end_ns = start_ns
+            for worker in self.workers:
+                worker.conn.send(("go", start_ns))
+                loop.add_reader(worker.conn.fileno(), self.readable, worker)
+            await self.finished
+        finally:
+            _stop(loop, self.workers, self.take)
+        if self.failures:
+            raise CapbenchError(f"a client process failed: {self.failures[0]}")
+
+    def take(self, worker: _Worker, message: tuple[str, Any]) -> None:
         kind, value = message
         if kind == "record":
             record, end_ns = value
-            phase.records.append(record)
-            phase.end_ns = max(phase.end_ns, end_ns)
-            if on_done:
-                on_done(record)
+            self.phase.records.append(record)
+            self.phase.end_ns = max(self.phase.end_ns, end_ns)
+            if self.on_done:
+                self.on_done(record)
         elif kind == "health":
-            healths.append(value)
+            self.phase.health.append(value)
         elif kind == "error":
-            failures.append(value)
+            self.failures.append(value)
         elif kind == "done":
             worker.done = True
 
-    loop = asyncio.get_running_loop()
-
-    def readable(worker: _Worker) -> None:
+    def readable(self, worker: _Worker) -> None:
         try:
-            take(worker, worker.conn.recv())
+            self.take(worker, worker.conn.recv())
         except (EOFError, OSError):
             if not worker.done:
-                failures.append(f"client process {worker.process.pid} ended without handing back its records")
+                self.failures.append(f"client process {worker.process.pid} ended without handing back its "
+                                     f"records")
             worker.done = True
         if worker.done:
-            loop.remove_reader(worker.conn.fileno())
-        if (failures or all(w.done for w in workers)) and not finished.done():
-            finished.set_result(None)
-
-    try:
-        await asyncio.to_thread(_await_ready, workers)
-        phase.start_ns = time.perf_counter_ns() + 5_000_000  # each worker waits for this instant to begin
-        phase.end_ns = phase.start_ns
-        for worker in workers:
-            worker.conn.send(("go", phase.start_ns))
-            loop.add_reader(worker.conn.fileno(), readable, worker)
-        await finished
-    finally:
-        _stop(loop, workers, take)
-    if failures:
-        raise CapbenchError(f"a client process failed: {failures[0]}")
-    return healths
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        if (self.failures or all(w.done for w in self.workers)) and not self.finished.done():
+            self.finished.set_result(None)
 
 
 def _await_ready(workers: list[_Worker]) -> None:
@@ -247,14 +258,13 @@ def _child(conn: Connection, session: Session, share: Share, arrivals: Arrivals,
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         phase = Phase()
-        mine = Arrivals(max(1, share.streams), None, arrivals.duration_s, arrivals.seed)
+        mine = Arrivals(max(1, share.streams), None, arrivals.duration_s, arrivals.seed, share.offsets, start_ns)
         probe = LagProbe()
         try:
             await asyncio.sleep(max(0.0, (start_ns - time.perf_counter_ns()) / 1e9))
             async with probe:
                 await run_phase(session, share.requests, mine, origin_ns, phase, False, judge,
-                                lambda rec: conn.send(("record", (rec, time.perf_counter_ns()))), share.offsets,
-                                start_ns)
+                                lambda rec: conn.send(("record", (rec, time.perf_counter_ns()))))
         except asyncio.CancelledError:
             pass
         finally:
